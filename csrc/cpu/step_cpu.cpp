@@ -1,0 +1,60 @@
+// CPU backend: loops over tensors and, in parallel, over elements; all math is in
+// include/fusedwarm/update.cuh.
+#include "step_cpu.h"
+
+#include <ATen/Parallel.h>
+
+namespace fusedwarm {
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;
+
+template <class Rule, class P, class S>
+void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
+  using PS = typename P::storage;
+  using SS = typename S::storage;
+  using ExtT = typename ExtType<P::K>::type;
+  constexpr int kS = Rule::kStates;
+  const float lr = L.lr_tensor ? L.lr_tensor->data_ptr<float>()[0] : static_cast<float>(L.lr);
+  const uint64_t seed = static_cast<uint64_t>(L.seed);
+  for (size_t i = 0; i < L.params.size(); ++i) {
+    const int64_t n = L.params[i].numel();
+    if (n == 0) continue;
+    const int64_t step = L.steps[i].data_ptr<int64_t>()[0];
+    const auto sc = Rule::template scalars<fw::Ieee>(h, lr, step);
+    const uint32_t tid = static_cast<uint32_t>(L.tensor_ids[i]);
+    PS* w = static_cast<PS*>(L.params[i].data_ptr());
+    const PS* g = static_cast<const PS*>(L.grads[i].data_ptr());
+    ExtT* ext = P::K > 0 ? static_cast<ExtT*>(L.extras[i].data_ptr()) : nullptr;
+    SS* st[kS > 0 ? kS : 1] = {nullptr};
+    for (int j = 0; j < kS; ++j) st[j] = static_cast<SS*>(L.states[j][i].data_ptr());
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        int32_t e = P::K > 0 ? static_cast<int32_t>(ext[k]) : 0;
+        SS s[kS > 0 ? kS : 1];
+        for (int j = 0; j < kS; ++j) s[j] = st[j][k];
+        fw::update_element<Rule, P, S>(sc, seed, tid, static_cast<uint64_t>(step), static_cast<uint64_t>(k), w[k], e,
+                                       g[k], s);
+        if (P::K > 0) ext[k] = static_cast<ExtT>(e);
+        for (int j = 0; j < kS; ++j) st[j][k] = s[j];
+      }
+    });
+  }
+}
+
+}  // namespace
+
+template <class Rule>
+void CpuBackend::run(const StepLists& L, const typename Rule::Hyper& h) {
+  dispatch_storage(L, [&](auto ptag, auto stag) {
+    run_typed<Rule, typename decltype(ptag)::type, typename decltype(stag)::type>(L, h);
+  });
+}
+
+template void CpuBackend::run<fw::AdamW>(const StepLists&, const fw::AdamW::Hyper&);
+template void CpuBackend::run<fw::SGD>(const StepLists&, const fw::SGD::Hyper&);
+template void CpuBackend::run<fw::SGDMomentum>(const StepLists&, const fw::SGDMomentum::Hyper&);
+template void CpuBackend::run<fw::Lion>(const StepLists&, const fw::Lion::Hyper&);
+
+}  // namespace fusedwarm

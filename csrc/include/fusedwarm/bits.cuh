@@ -1,0 +1,138 @@
+// Floating-point formats, rounding, and the split master weight.
+//
+// Split master weights (Lewandowski & Kosson 2023, "Memory Efficient Mixed-Precision
+// Optimizers", arXiv 2309.12381): a half-precision weight w plus a small signed integer e
+// ("extra bits") together hold a higher-precision master weight. All work is done on the
+// *magnitude bit pattern* of a float, which is monotone in the value and, within a binade,
+// linear in it; so appending K bits below a format's mantissa gives the same format with K
+// more mantissa bits.
+//
+// For a weight format with EB exponent bits and MB mantissa bits and K extra bits, the master
+// is the float with EB exponent bits and N = min(MB + K, 23) mantissa bits:
+//   * bfloat16 (EB=8, MB=7):  K=16 gives N=23, exactly IEEE float32 (every fp32 value,
+//     subnormals included); K=8 gives a float with 15 mantissa bits ("24-bit master").
+//   * float16  (EB=5, MB=10): K=16 gives N=23 (13 of the 16 bits carry information; the cap
+//     keeps every master exactly representable in fp32), i.e. fp32 precision inside fp16's
+//     exponent range; K=8 gives N=18.
+// With X the master's magnitude pattern and D = N - MB, the visible weight is
+//   top = (X + 2^(D-1)) >> D        (round to nearest, ties away from zero)
+//   e   = X - (top << D)            (in [-2^(D-1), 2^(D-1)): fits int8 / int16)
+// so the model always sees the round-to-nearest of the master, and X = (top << D) + e
+// recovers it exactly. Ties go away from zero (not to even) because that is what makes the
+// split invertible: with ties-to-even, a remainder of exactly half an ulp could not be told
+// apart from its twin. The sign of the master is the sign bit of the visible weight.
+//
+// Writing a fp32 value into a narrower format (a master with N < 23, the master of an fp16
+// weight outside fp16's normal range, or a bfloat16 optimizer state) uses stochastic rounding
+// (Zamirai et al. 2020, "Revisiting BFloat16 Training"): round up with probability equal to the
+// dropped fraction, so the expected stored value equals the exact one.
+#pragma once
+#include "config.cuh"
+
+namespace fw {
+
+// A float format on 16 bits or fewer, described by its exponent and mantissa widths.
+template <int EB_, int MB_>
+struct HalfFormat {
+  static constexpr int EB = EB_;
+  static constexpr int MB = MB_;
+  static constexpr int kBias = (1 << (EB - 1)) - 1;
+};
+using BF16Format = HalfFormat<8, 7>;
+using F16Format = HalfFormat<5, 10>;
+
+// Magnitude pattern of |x| in a format with EB exponent bits and N <= 23 mantissa bits,
+// rounded stochastically with the 32 random bits `rnd` (exact when nothing is dropped).
+// Results past the largest finite value become the infinity pattern; NaN stays NaN.
+template <int EB, int N>
+FW_HD uint32_t encode_magnitude(uint32_t abs_bits, uint32_t rnd) {
+  static_assert(N <= 23, "mantissa wider than fp32");
+  constexpr int kBias = (1 << (EB - 1)) - 1;
+  constexpr int kEmin = 1 - kBias;
+  constexpr uint32_t kInf = ((1u << EB) - 1u) << N;
+  if (abs_bits >= 0x7F800000u) return abs_bits == 0x7F800000u ? kInf : (kInf | (1u << (N - 1)));
+  const int E = static_cast<int>(abs_bits >> 23);
+  const uint32_t f = abs_bits & 0x7FFFFFu;
+  const uint32_t q = E ? (f | 0x800000u) : f;  // significand: value = q * 2^(e - 23)
+  const int e = E ? E - 127 : -126;
+  int s = 23 - N;                 // dropped low bits of q
+  int base = e + kBias - 1;       // (exponent field - 1): adding q's implicit bit carries into it
+  if (e < kEmin) {                // subnormal in the target format
+    s += kEmin - e;
+    base = 0;
+  }
+  uint32_t r;
+  if (s == 0) {
+    r = q;
+  } else if (s <= 32) {
+    r = static_cast<uint32_t>((static_cast<uint64_t>(q) + (rnd >> (32 - s))) >> s);
+  } else if (s - 32 < 24) {
+    r = rnd < (q >> (s - 32)) ? 1u : 0u;
+  } else {
+    r = 0u;
+  }
+  const uint64_t x = (static_cast<uint64_t>(base) << N) + r;
+  return x >= kInf ? kInf : static_cast<uint32_t>(x);
+}
+
+// Value of a magnitude pattern with EB exponent bits and N <= 23 mantissa bits, as fp32 (exact).
+template <int EB, int N>
+FW_HD float decode_magnitude(uint32_t x) {
+  constexpr int kBias = (1 << (EB - 1)) - 1;
+  constexpr uint32_t kExpMax = (1u << EB) - 1u;
+  if (EB == 8) return bits_float(x << (23 - N));
+  const uint32_t te = x >> N;
+  const uint32_t frac = x & ((1u << N) - 1u);
+  if (te == kExpMax) return bits_float(frac ? 0x7FC00000u : 0x7F800000u);
+  if (te == 0) {
+    // frac * 2^(1 - bias - N): an integer below 2^24 times a normal power of two, both exact.
+    const float scale = bits_float(static_cast<uint32_t>(127 + 1 - kBias - N) << 23);
+    const float fr = static_cast<float>(frac);
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(fr, scale);
+#else
+    return fr * scale;
+#endif
+  }
+  return bits_float(((te - kBias + 127u) << 23) | (frac << (23 - N)));
+}
+
+// fp32 -> half format F with stochastic rounding (optimizer states in bfloat16).
+template <class F>
+FW_HD uint16_t half_bits_from_float_sr(float x, uint32_t rnd) {
+  const uint32_t b = float_bits(x);
+  return static_cast<uint16_t>(((b >> 16) & 0x8000u) | encode_magnitude<F::EB, F::MB>(b & 0x7FFFFFFFu, rnd));
+}
+
+template <class F>
+FW_HD float half_bits_to_float(uint16_t h) {
+  const float mag = decode_magnitude<F::EB, F::MB>(h & 0x7FFFu);
+  return (h & 0x8000u) ? -mag : mag;
+}
+
+// Master weight codec for a half-precision weight format F with K extra bits.
+template <class F, int K>
+struct MasterCodec {
+  static constexpr int N = (F::MB + K) < 23 ? (F::MB + K) : 23;
+  static constexpr int D = N - F::MB;
+  // True when writing a fp32 value into the master can drop bits (so random bits are needed).
+  static constexpr bool kLossy = !(F::EB == 8 && N == 23);
+
+  static FW_HD float decode(uint16_t w, int32_t e) {
+    const uint32_t x = (static_cast<uint32_t>(w & 0x7FFFu) << D) + static_cast<uint32_t>(e);
+    const float mag = decode_magnitude<F::EB, N>(x);
+    return (w & 0x8000u) ? -mag : mag;
+  }
+
+  // Writes the master `v` (finite) as visible weight w and extra bits e.
+  static FW_HD void encode(float v, uint32_t rnd, uint16_t& w, int32_t& e) {
+    const uint32_t b = float_bits(v);
+    const uint32_t x = encode_magnitude<F::EB, N>(b & 0x7FFFFFFFu, rnd);
+    uint32_t top = x;
+    if (D > 0) top = (x + (1u << (D > 0 ? D - 1 : 0))) >> D;
+    e = static_cast<int32_t>(x - (top << D));
+    w = static_cast<uint16_t>(((b >> 16) & 0x8000u) | top);
+  }
+};
+
+}  // namespace fw

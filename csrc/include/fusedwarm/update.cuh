@@ -1,0 +1,208 @@
+// The per-element update rules: the one source of truth for what a fusedwarm step computes.
+//
+// A backend loads one element's raw storage (weight bits, extra bits, gradient, states), calls
+// update_element, and stores the results; it never re-derives a formula.
+#pragma once
+#include "arith.cuh"
+#include "bits.cuh"
+#include "philox.cuh"
+
+namespace fw {
+
+// ---- storage kinds -------------------------------------------------------------------------
+
+// A float32 weight: it is its own master, no extra bits.
+struct ParamF32 {
+  using storage = float;
+  static constexpr int K = 0;
+  static constexpr bool kLossy = false;
+  static FW_HD float grad(float g) { return g; }
+  static FW_HD float load(float w, int32_t) { return w; }
+  static FW_HD void store(float v, uint32_t, float& w, int32_t&) { w = v; }
+};
+
+// A bfloat16 / float16 weight with K in {0, 8, 16} extra bits (see bits.cuh).
+template <class F, int K_>
+struct ParamHalf {
+  using storage = uint16_t;
+  using Codec = MasterCodec<F, K_>;
+  static constexpr int K = K_;
+  static constexpr bool kLossy = Codec::kLossy;
+  static FW_HD float grad(uint16_t g) { return half_bits_to_float<F>(g); }
+  static FW_HD float load(uint16_t w, int32_t e) { return Codec::decode(w, e); }
+  static FW_HD void store(float v, uint32_t rnd, uint16_t& w, int32_t& e) { Codec::encode(v, rnd, w, e); }
+};
+
+struct StateF32 {
+  using storage = float;
+  static constexpr bool kLossy = false;
+  static FW_HD float load(float s) { return s; }
+  static FW_HD float store(float v, uint32_t) { return v; }
+};
+
+// bfloat16 optimizer state, written with stochastic rounding so that EMAs with small (1 - beta)
+// keep moving in expectation (Zamirai et al. 2020).
+struct StateBF16 {
+  using storage = uint16_t;
+  static constexpr bool kLossy = true;
+  static FW_HD float load(uint16_t s) { return half_bits_to_float<BF16Format>(s); }
+  static FW_HD uint16_t store(float v, uint32_t rnd) { return half_bits_from_float_sr<BF16Format>(v, rnd); }
+};
+
+// ---- update rules ----------------------------------------------------------------------------
+
+// AdamW (Loshchilov & Hutter 2019) in torch.optim.AdamW's form: decoupled decay, then
+//   m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2,
+//   p = p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+struct AdamW {
+  static constexpr int kStates = 2;
+  struct Hyper {
+    float beta1, beta2, eps, weight_decay;
+    bool maximize;
+  };
+  struct Scalars {
+    float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps;
+    bool maximize;
+  };
+  template <class M>
+  static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
+    Scalars s;
+    s.decay = M::sub(1.0f, M::mul(lr, h.weight_decay));
+    s.beta1 = h.beta1;
+    s.one_minus_beta1 = M::sub(1.0f, h.beta1);
+    s.beta2 = h.beta2;
+    s.one_minus_beta2 = M::sub(1.0f, h.beta2);
+    s.step_size = M::div(lr, M::sub(1.0f, powi<M>(h.beta1, step)));
+    s.bc2_sqrt = M::sqrt(M::sub(1.0f, powi<M>(h.beta2, step)));
+    s.eps = h.eps;
+    s.maximize = h.maximize;
+    return s;
+  }
+  template <class M>
+  static FW_HD void apply(const Scalars& s, float& p, float g, float* st) {
+    if (s.maximize) g = -g;
+    float& m = st[0];
+    float& v = st[1];
+    p = M::mul(p, s.decay);
+    m = M::add(M::mul(s.beta1, m), M::mul(s.one_minus_beta1, g));
+    v = M::add(M::mul(s.beta2, v), M::mul(s.one_minus_beta2, M::mul(g, g)));
+    const float denom = M::add(M::div(M::sqrt(v), s.bc2_sqrt), s.eps);
+    p = M::sub(p, M::mul(s.step_size, M::div(m, denom)));
+  }
+};
+
+// SGD without momentum, as torch.optim.SGD: g += wd p; p -= lr g.
+struct SGD {
+  static constexpr int kStates = 0;
+  struct Hyper {
+    float momentum, dampening, weight_decay;
+    bool nesterov, maximize;
+  };
+  struct Scalars {
+    float lr, weight_decay, momentum, one_minus_dampening;
+    bool first, nesterov, maximize;
+  };
+  template <class M>
+  static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
+    Scalars s;
+    s.lr = lr;
+    s.weight_decay = h.weight_decay;
+    s.momentum = h.momentum;
+    s.one_minus_dampening = M::sub(1.0f, h.dampening);
+    s.first = step <= 1;
+    s.nesterov = h.nesterov;
+    s.maximize = h.maximize;
+    return s;
+  }
+  template <class M>
+  static FW_HD float direction(const Scalars& s, float p, float g) {
+    if (s.maximize) g = -g;
+    if (s.weight_decay != 0.0f) g = M::add(g, M::mul(s.weight_decay, p));
+    return g;
+  }
+  template <class M>
+  static FW_HD void apply(const Scalars& s, float& p, float g, float*) {
+    p = M::sub(p, M::mul(s.lr, direction<M>(s, p, g)));
+  }
+};
+
+// SGD with momentum, as torch.optim.SGD: the buffer starts as the first gradient, then
+//   buf = momentum buf + (1 - dampening) g;  d = nesterov ? g + momentum buf : buf;  p -= lr d.
+struct SGDMomentum {
+  static constexpr int kStates = 1;
+  using Hyper = SGD::Hyper;
+  using Scalars = SGD::Scalars;
+  template <class M>
+  static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
+    return SGD::scalars<M>(h, lr, step);
+  }
+  template <class M>
+  static FW_HD void apply(const Scalars& s, float& p, float g, float* st) {
+    g = SGD::direction<M>(s, p, g);
+    float& buf = st[0];
+    buf = s.first ? g : M::add(M::mul(s.momentum, buf), M::mul(s.one_minus_dampening, g));
+    const float d = s.nesterov ? M::add(g, M::mul(s.momentum, buf)) : buf;
+    p = M::sub(p, M::mul(s.lr, d));
+  }
+};
+
+// Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
+//   c = b1 m + (1-b1) g;  p = p (1 - lr wd) - lr sign(c);  m = b2 m + (1-b2) g.
+struct Lion {
+  static constexpr int kStates = 1;
+  struct Hyper {
+    float beta1, beta2, weight_decay;
+    bool maximize;
+  };
+  struct Scalars {
+    float lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2;
+    bool maximize;
+  };
+  template <class M>
+  static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t) {
+    Scalars s;
+    s.lr = lr;
+    s.decay = M::sub(1.0f, M::mul(lr, h.weight_decay));
+    s.beta1 = h.beta1;
+    s.one_minus_beta1 = M::sub(1.0f, h.beta1);
+    s.beta2 = h.beta2;
+    s.one_minus_beta2 = M::sub(1.0f, h.beta2);
+    s.maximize = h.maximize;
+    return s;
+  }
+  template <class M>
+  static FW_HD void apply(const Scalars& s, float& p, float g, float* st) {
+    if (s.maximize) g = -g;
+    float& m = st[0];
+    const float c = M::add(M::mul(s.beta1, m), M::mul(s.one_minus_beta1, g));
+    const float sign = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f);
+    p = M::sub(M::mul(p, s.decay), M::mul(s.lr, sign));
+    m = M::add(M::mul(s.beta2, m), M::mul(s.one_minus_beta2, g));
+  }
+};
+
+// ---- one element -----------------------------------------------------------------------------
+
+// Updates one element in place. `e` is the extra-bits value (ignored for ParamF32 and K = 0),
+// `st` the rule's kStates raw states. An element whose gradient is not finite is left
+// untouched (weight, extra bits and states), so a single overflow never corrupts a weight.
+// Random word 0 rounds the master, words 1.. round the states.
+template <class Rule, class P, class S, class M = Ieee>
+FW_HD void update_element(const typename Rule::Scalars& sc, uint64_t seed, uint32_t tensor_id, uint64_t step,
+                          uint64_t index, typename P::storage& w, int32_t& e, typename P::storage g,
+                          typename S::storage* st) {
+  const float gf = P::grad(g);
+  if (!is_finite(gf)) return;
+  float p = P::load(w, e);
+  float s[Rule::kStates > 0 ? Rule::kStates : 1];
+  for (int j = 0; j < Rule::kStates; ++j) s[j] = S::load(st[j]);
+  Rule::template apply<M>(sc, p, gf, s);
+  constexpr bool kRandom = P::kLossy || (S::kLossy && Rule::kStates > 0);
+  U32x4 r{0u, 0u, 0u, 0u};
+  if (kRandom) r = element_random(seed, tensor_id, step, index);
+  P::store(p, r.x, w, e);
+  const uint32_t rs[3] = {r.y, r.z, r.w};
+  for (int j = 0; j < Rule::kStates; ++j) st[j] = S::store(s[j], rs[j]);
+}
+
+}  // namespace fw

@@ -1,0 +1,199 @@
+// Operator surface (layer 3): schemas with mutation annotations, argument checks, and the CPU
+// registrations. The CUDA registrations live in cuda/ops_cuda.cpp; fake kernels are in
+// fusedwarm/_ops.py.
+#include <torch/library.h>
+
+#include "cpu/step_cpu.h"
+#include "ops_impl.h"
+
+namespace fusedwarm {
+
+StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::TensorList extras,
+                          std::vector<at::TensorList> states, at::TensorList steps, at::IntArrayRef tensor_ids,
+                          const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed) {
+  StepLists L;
+  L.params = params.vec();
+  L.grads = grads.vec();
+  L.extras = extras.vec();
+  for (const auto& s : states) L.states.push_back(s.vec());
+  L.steps = steps.vec();
+  L.tensor_ids = tensor_ids.vec();
+  L.lr_tensor = lr_tensor;
+  L.lr = lr;
+  L.extra_bits = extra_bits;
+  L.seed = seed;
+  return L;
+}
+
+namespace {
+
+void check_dense(const char* op, const char* list, size_t i, const at::Tensor& t, const at::Tensor& p) {
+  TORCH_CHECK(t.layout() == at::kStrided, "fusedwarm.", op, ": ", list, "[", i, "] must be a dense (strided) tensor, got ",
+              t.layout());
+  TORCH_CHECK(t.device() == p.device(), "fusedwarm.", op, ": ", list, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", p.device());
+  TORCH_CHECK(t.is_contiguous(), "fusedwarm.", op, ": ", list, "[", i, "] must be contiguous");
+}
+
+}  // namespace
+
+void check_step_lists(const char* op, const StepLists& L, int num_states) {
+  const size_t n = L.params.size();
+  TORCH_CHECK(L.extra_bits == 0 || L.extra_bits == 8 || L.extra_bits == 16, "fusedwarm.", op,
+              ": extra_bits must be 0, 8 or 16, got ", L.extra_bits);
+  TORCH_CHECK(L.grads.size() == n && L.steps.size() == n && L.tensor_ids.size() == n, "fusedwarm.", op,
+              ": expected grads, steps and tensor_ids to have one entry per parameter (", n, "), got ",
+              L.grads.size(), ", ", L.steps.size(), " and ", L.tensor_ids.size());
+  TORCH_CHECK(static_cast<int>(L.states.size()) == num_states, "fusedwarm.", op, ": expected ", num_states,
+              " state lists, got ", L.states.size());
+  if (n == 0) return;
+  const at::Tensor& p0 = L.params[0];
+  const auto pdt = p0.scalar_type();
+  TORCH_CHECK(pdt == at::kFloat || pdt == at::kBFloat16 || pdt == at::kHalf, "fusedwarm.", op,
+              ": parameters must be float32, bfloat16 or float16, got ", pdt);
+  const bool half = pdt != at::kFloat;
+  const bool has_extra = half && L.extra_bits > 0;
+  const auto edt = L.extra_bits == 16 ? at::kShort : at::kChar;
+  TORCH_CHECK(L.extras.size() == (has_extra ? n : 0), "fusedwarm.", op, ": expected ", (has_extra ? n : 0),
+              " extra-bits tensors for ", pdt, " parameters with extra_bits=", L.extra_bits, ", got ",
+              L.extras.size());
+  at::ScalarType sdt = at::kFloat;
+  if (num_states > 0 && !L.states[0].empty()) sdt = L.states[0][0].scalar_type();
+  TORCH_CHECK(sdt == at::kFloat || sdt == at::kBFloat16, "fusedwarm.", op,
+              ": optimizer states must be float32 or bfloat16, got ", sdt);
+  if (L.lr_tensor) {
+    const at::Tensor& lr = *L.lr_tensor;
+    TORCH_CHECK(lr.numel() == 1 && lr.scalar_type() == at::kFloat && lr.device() == p0.device(), "fusedwarm.", op,
+                ": lr_tensor must be a one-element float32 tensor on ", p0.device(), ", got ", lr.scalar_type(),
+                " with ", lr.numel(), " elements on ", lr.device());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = L.params[i];
+    check_dense(op, "params", i, p, p0);
+    TORCH_CHECK(p.scalar_type() == pdt, "fusedwarm.", op, ": params[", i, "] is ", p.scalar_type(),
+                " but params[0] is ", pdt, "; one call takes one dtype");
+    const at::Tensor& g = L.grads[i];
+    check_dense(op, "grads", i, g, p);
+    TORCH_CHECK(g.scalar_type() == pdt && g.sizes() == p.sizes(), "fusedwarm.", op, ": grads[", i, "] is ",
+                g.scalar_type(), g.sizes(), " but params[", i, "] is ", pdt, p.sizes());
+    const at::Tensor& s = L.steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kLong && s.device() == p.device(), "fusedwarm.", op,
+                ": steps[", i, "] must be a one-element int64 tensor on ", p.device());
+    TORCH_CHECK(L.tensor_ids[i] >= 0 && L.tensor_ids[i] <= 0xFFFFFFFFLL, "fusedwarm.", op, ": tensor_ids[", i,
+                "] must fit in 32 bits, got ", L.tensor_ids[i]);
+    if (has_extra) {
+      const at::Tensor& e = L.extras[i];
+      check_dense(op, "extras", i, e, p);
+      TORCH_CHECK(e.scalar_type() == edt && e.numel() == p.numel(), "fusedwarm.", op, ": extras[", i,
+                  "] must be ", edt, " with ", p.numel(), " elements for extra_bits=", L.extra_bits, ", got ",
+                  e.scalar_type(), " with ", e.numel());
+    }
+    for (int j = 0; j < num_states; ++j) {
+      TORCH_CHECK(L.states[j].size() == n, "fusedwarm.", op, ": state list ", j, " has ", L.states[j].size(),
+                  " entries, expected ", n);
+      const at::Tensor& st = L.states[j][i];
+      check_dense(op, "states", i, st, p);
+      TORCH_CHECK(st.scalar_type() == sdt && st.numel() == p.numel(), "fusedwarm.", op, ": state ", j, " of params[",
+                  i, "] must be ", sdt, " with ", p.numel(), " elements, got ", st.scalar_type(), " with ",
+                  st.numel());
+    }
+  }
+}
+
+at::Tensor master_weight_cpu(const at::Tensor& param, const at::Tensor& extra, int64_t extra_bits) {
+  TORCH_CHECK(extra_bits == 0 || extra_bits == 8 || extra_bits == 16,
+              "fusedwarm.master_weight: extra_bits must be 0, 8 or 16, got ", extra_bits);
+  const auto pdt = param.scalar_type();
+  if (pdt == at::kFloat) return param.clone();
+  TORCH_CHECK(pdt == at::kBFloat16 || pdt == at::kHalf,
+              "fusedwarm.master_weight: param must be float32, bfloat16 or float16, got ", pdt);
+  const at::Tensor p = param.contiguous();
+  at::Tensor e;
+  if (extra_bits > 0) {
+    e = extra.contiguous();
+    TORCH_CHECK(e.scalar_type() == (extra_bits == 16 ? at::kShort : at::kChar) && e.numel() == p.numel() &&
+                    e.device() == p.device(),
+                "fusedwarm.master_weight: extra must be ", (extra_bits == 16 ? "int16" : "int8"), " with ",
+                p.numel(), " elements on ", p.device());
+  }
+  at::Tensor out = at::empty(p.sizes(), p.options().dtype(at::kFloat));
+  const uint16_t* w = static_cast<const uint16_t*>(p.data_ptr());
+  float* o = out.data_ptr<float>();
+  const int64_t n = p.numel();
+  auto decode = [&](auto codec_tag, const auto* ext) {
+    using Codec = typename decltype(codec_tag)::type;
+    for (int64_t k = 0; k < n; ++k) o[k] = Codec::decode(w[k], ext ? static_cast<int32_t>(ext[k]) : 0);
+  };
+  auto with_format = [&](auto ftag) {
+    using F = typename decltype(ftag)::type;
+    if (extra_bits == 16) decode(Tag<fw::MasterCodec<F, 16>>{}, e.data_ptr<int16_t>());
+    else if (extra_bits == 8) decode(Tag<fw::MasterCodec<F, 8>>{}, e.data_ptr<int8_t>());
+    else decode(Tag<fw::MasterCodec<F, 0>>{}, static_cast<const int8_t*>(nullptr));
+  };
+  if (pdt == at::kBFloat16) with_format(Tag<fw::BF16Format>{});
+  else with_format(Tag<fw::F16Format>{});
+  return out;
+}
+
+namespace {
+
+at::Tensor master_weight_any(const at::Tensor& param, const at::Tensor& extra, int64_t extra_bits) {
+  if (param.device().is_cpu()) return master_weight_cpu(param, extra, extra_bits);
+  // Inspection only: decode on the CPU with the same header, then move back.
+  return master_weight_cpu(param.cpu(), extra_bits > 0 ? extra.cpu() : extra, extra_bits).to(param.device());
+}
+
+// Philox4x32-10 of counters [N, 4] (int64 holding uint32 words) with a 64-bit key: the
+// generator of update.cuh, exposed so tests can check it against published answers.
+at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key) {
+  TORCH_CHECK(counters.dim() == 2 && counters.size(1) == 4 && counters.scalar_type() == at::kLong,
+              "fusedwarm.philox4x32: counters must be an int64 tensor of shape [N, 4], got ", counters.scalar_type(),
+              counters.sizes());
+  const at::Tensor c = counters.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const int64_t* in = c.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.size(0); ++i) {
+    const fw::U32x4 r = fw::philox4x32_10(
+        fw::U32x4{static_cast<uint32_t>(in[4 * i]), static_cast<uint32_t>(in[4 * i + 1]),
+                  static_cast<uint32_t>(in[4 * i + 2]), static_cast<uint32_t>(in[4 * i + 3])},
+        static_cast<uint32_t>(key), static_cast<uint32_t>(static_cast<uint64_t>(key) >> 32));
+    o[4 * i] = r.x;
+    o[4 * i + 1] = r.y;
+    o[4 * i + 2] = r.z;
+    o[4 * i + 3] = r.w;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusedwarm, m) {
+  m.def(
+      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, "
+      "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] momentum_buffers, "
+      "Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize) -> ()");
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, Tensor[] steps, "
+      "int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float beta1, float beta2, "
+      "float weight_decay, bool maximize) -> ()");
+  m.def("master_weight(Tensor param, Tensor extra, int extra_bits) -> Tensor");
+  m.def("philox4x32(Tensor counters, int key) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fusedwarm, CPU, m) {
+  m.impl("adamw_", &OpImpls<CpuBackend>::adamw_);
+  m.impl("sgd_", &OpImpls<CpuBackend>::sgd_);
+  m.impl("lion_", &OpImpls<CpuBackend>::lion_);
+  m.impl("philox4x32", &philox4x32_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fusedwarm, CompositeExplicitAutograd, m) {
+  m.impl("master_weight", &master_weight_any);
+}
+
+}  // namespace fusedwarm

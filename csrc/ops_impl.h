@@ -1,0 +1,60 @@
+// The operator implementations, generic over a backend (CPU or CUDA). A backend provides
+//   template <class Rule> static void run(const StepLists&, const typename Rule::Hyper&);
+// and `decode_master` for master_weight. Everything else (argument packing, checks,
+// hyperparameter conversion) is shared here so both dispatch keys behave identically.
+#pragma once
+#include "step_args.h"
+
+namespace fusedwarm {
+
+StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::TensorList extras,
+                          std::vector<at::TensorList> states, at::TensorList steps, at::IntArrayRef tensor_ids,
+                          const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed);
+
+template <class Backend>
+struct OpImpls {
+  static void adamw_(at::TensorList params, at::TensorList grads, at::TensorList extras, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList steps, at::IntArrayRef tensor_ids,
+                     const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
+                     double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+    const StepLists L = make_step_lists(params, grads, extras, {exp_avgs, exp_avg_sqs}, steps, tensor_ids,
+                                        lr_tensor, lr, extra_bits, seed);
+    check_step_lists("adamw_", L, fw::AdamW::kStates);
+    const fw::AdamW::Hyper h{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
+                             static_cast<float>(weight_decay), maximize};
+    Backend::template run<fw::AdamW>(L, h);
+  }
+
+  static void sgd_(at::TensorList params, at::TensorList grads, at::TensorList extras,
+                   at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef tensor_ids,
+                   const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
+                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+    const fw::SGD::Hyper h{static_cast<float>(momentum), static_cast<float>(dampening),
+                           static_cast<float>(weight_decay), nesterov, maximize};
+    if (momentum == 0.0) {
+      const StepLists L = make_step_lists(params, grads, extras, {}, steps, tensor_ids, lr_tensor, lr, extra_bits,
+                                          seed);
+      check_step_lists("sgd_", L, fw::SGD::kStates);
+      Backend::template run<fw::SGD>(L, h);
+    } else {
+      const StepLists L = make_step_lists(params, grads, extras, {momentum_buffers}, steps, tensor_ids,
+                                          lr_tensor, lr, extra_bits, seed);
+      check_step_lists("sgd_", L, fw::SGDMomentum::kStates);
+      Backend::template run<fw::SGDMomentum>(L, h);
+    }
+  }
+
+  static void lion_(at::TensorList params, at::TensorList grads, at::TensorList extras, at::TensorList exp_avgs,
+                    at::TensorList steps, at::IntArrayRef tensor_ids, const std::optional<at::Tensor>& lr_tensor,
+                    double lr, int64_t extra_bits, int64_t seed, double beta1, double beta2, double weight_decay,
+                    bool maximize) {
+    const StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr,
+                                        extra_bits, seed);
+    check_step_lists("lion_", L, fw::Lion::kStates);
+    const fw::Lion::Hyper h{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(weight_decay),
+                            maximize};
+    Backend::template run<fw::Lion>(L, h);
+  }
+};
+
+}  // namespace fusedwarm

@@ -1,0 +1,72 @@
+// Operator-level view of one fused step: the tensor lists of a call, checked, plus the
+// runtime-to-template dispatch shared by the CPU backend and the CUDA host adapter.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fusedwarm/update.cuh"
+
+namespace fusedwarm {
+
+struct StepLists {
+  std::vector<at::Tensor> params, grads, extras, steps;
+  std::vector<std::vector<at::Tensor>> states;  // states[j][i]: state j of tensor i
+  std::vector<int64_t> tensor_ids;
+  std::optional<at::Tensor> lr_tensor;
+  double lr;
+  int64_t extra_bits;
+  int64_t seed;
+};
+
+// Checks list lengths, devices, dtypes, sizes and contiguity; names the offending tensor.
+void check_step_lists(const char* op, const StepLists& L, int num_states);
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// Calls fn(Tag<Param>{}, Tag<State>{}) with the storage kinds of the call's tensors.
+template <class Fn>
+void dispatch_storage(const StepLists& L, Fn&& fn) {
+  if (L.params.empty()) return;
+  const auto pdt = L.params[0].scalar_type();
+  const bool bf16_state =
+      !L.states.empty() && !L.states[0].empty() && L.states[0][0].scalar_type() == at::kBFloat16;
+  auto with_param = [&](auto ptag) {
+    if (bf16_state) {
+      fn(ptag, Tag<fw::StateBF16>{});
+    } else {
+      fn(ptag, Tag<fw::StateF32>{});
+    }
+  };
+  auto with_half = [&](auto ftag) {
+    using F = typename decltype(ftag)::type;
+    switch (L.extra_bits) {
+      case 0: with_param(Tag<fw::ParamHalf<F, 0>>{}); break;
+      case 8: with_param(Tag<fw::ParamHalf<F, 8>>{}); break;
+      case 16: with_param(Tag<fw::ParamHalf<F, 16>>{}); break;
+      default: TORCH_CHECK(false, "fusedwarm: extra_bits must be 0, 8 or 16, got ", L.extra_bits);
+    }
+  };
+  switch (pdt) {
+    case at::kFloat: with_param(Tag<fw::ParamF32>{}); break;
+    case at::kBFloat16: with_half(Tag<fw::BF16Format>{}); break;
+    case at::kHalf: with_half(Tag<fw::F16Format>{}); break;
+    default: TORCH_CHECK(false, "fusedwarm: parameters must be float32, bfloat16 or float16, got ", pdt);
+  }
+}
+
+template <int K>
+struct ExtType {
+  using type = int8_t;
+};
+template <>
+struct ExtType<16> {
+  using type = int16_t;
+};
+
+}  // namespace fusedwarm

@@ -1,0 +1,11 @@
+"""fusedwarm: fused half-precision-only optimizers for PyTorch.
+
+AdamW, SGD and Lion that update bfloat16/float16 weights with no float32 master copy (the
+missing low bits live in a small integer tensor, or rounding is stochastic), on CPU and CUDA.
+``fusedwarm.reference`` holds the plain-PyTorch float32 reference they are validated against.
+"""
+
+from .optim import SGD, AdamW, FusedOptimizer, Lion
+
+__version__ = "0.1.0"
+__all__ = ["AdamW", "SGD", "Lion", "FusedOptimizer", "__version__"]

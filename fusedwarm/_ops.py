@@ -1,0 +1,35 @@
+"""Loads the compiled operators and registers their fake (meta) kernels for torch.compile."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _build
+
+_registered = False
+
+
+def load() -> torch._ops._OpNamespace:
+    """Builds/loads the extension on first call and returns ``torch.ops.fusedwarm``."""
+    global _registered
+    if not _registered:
+        _build.build()
+        _register_fakes()
+        _registered = True
+    return torch.ops.fusedwarm
+
+
+def _register_fakes() -> None:
+    def _mutating_step(*args, **kwargs):
+        return None
+
+    for name in ("adamw_", "sgd_", "lion_"):
+        torch.library.register_fake(f"fusedwarm::{name}")(_mutating_step)
+
+    @torch.library.register_fake("fusedwarm::master_weight")
+    def _master_weight(param, extra, extra_bits):
+        return torch.empty_like(param, dtype=torch.float32)
+
+    @torch.library.register_fake("fusedwarm::philox4x32")
+    def _philox(counters, key):
+        return torch.empty_like(counters)
