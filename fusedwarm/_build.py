@@ -29,8 +29,11 @@ CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/step_kernels.cu")
 HEADER_SUFFIXES = (".h", ".cuh")
 
 # -ffp-contract=off / --fmad=false: no fused multiply-add that one backend would do and the other
-# not (DESIGN.md: backends agree bit for bit). No fast-math anywhere.
-CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
+# not (DESIGN.md: backends agree bit for bit). No fast-math anywhere; -fno-math-errno only lets
+# sqrt compile to the (IEEE, correctly rounded) instruction without an errno branch, which keeps
+# the element loop vectorizable. -march=native: the build is made on the machine that runs it,
+# and the cache key includes this CPU's feature flags.
+CXX_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
 CUDA_FLAGS = ("-O3", "--fmad=false", "-lineinfo")
 LD_FLAGS = ("-fopenmp",)
 
@@ -88,6 +91,18 @@ def _arch_list() -> str:
     return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the build uses -march=native), or the machine name if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def source_files(backend: str) -> tuple[Path, ...]:
     """The translation units of a build, as absolute paths."""
     names = CPU_SOURCES + (CUDA_SOURCES if backend == "cuda" else ())
@@ -100,8 +115,8 @@ def _hash_inputs(sources: tuple[Path, ...], backend: str, arch_list: str) -> str
     for path in sorted(files):
         h.update(str(path.relative_to(CSRC)).encode())
         h.update(path.read_bytes())
-    for part in (torch.__version__, str(torch.version.cuda), sys.version, platform.machine(), backend, arch_list,
-                 CXX_FLAGS, CUDA_FLAGS, LD_FLAGS):
+    for part in (torch.__version__, str(torch.version.cuda), sys.version, platform.machine(), _cpu_flags(), backend,
+                 arch_list, CXX_FLAGS, CUDA_FLAGS, LD_FLAGS):
         h.update(repr(part).encode())
     return h.hexdigest()
 

@@ -23,21 +23,21 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     if (n == 0) continue;
     const int64_t step = L.steps[i].data_ptr<int64_t>()[0];
     const auto sc = Rule::template scalars<fw::Ieee>(h, lr, step);
-    const uint32_t tid = static_cast<uint32_t>(L.tensor_ids[i]);
+    const uint64_t stream = fw::stream_key(seed, static_cast<uint32_t>(L.tensor_ids[i]), static_cast<uint64_t>(step));
     PS* w = static_cast<PS*>(L.params[i].data_ptr());
     const PS* g = static_cast<const PS*>(L.grads[i].data_ptr());
     ExtT* ext = P::K > 0 ? static_cast<ExtT*>(L.extras[i].data_ptr()) : nullptr;
-    SS* st[kS > 0 ? kS : 1] = {nullptr};
-    for (int j = 0; j < kS; ++j) st[j] = static_cast<SS*>(L.states[j][i].data_ptr());
+    SS* s0 = kS > 0 ? static_cast<SS*>(L.states[0][i].data_ptr()) : nullptr;
+    SS* s1 = kS > 1 ? static_cast<SS*>(L.states[1][i].data_ptr()) : nullptr;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      SS unused = SS();
+      // The element function is branch-free so this loop vectorizes (one element per lane).
+#pragma omp simd
       for (int64_t k = begin; k < end; ++k) {
         int32_t e = P::K > 0 ? static_cast<int32_t>(ext[k]) : 0;
-        SS s[kS > 0 ? kS : 1];
-        for (int j = 0; j < kS; ++j) s[j] = st[j][k];
-        fw::update_element<Rule, P, S>(sc, seed, tid, static_cast<uint64_t>(step), static_cast<uint64_t>(k), w[k], e,
-                                       g[k], s);
+        fw::update_element<Rule, P, S>(sc, stream, static_cast<uint64_t>(k), w[k], e, g[k], kS > 0 ? s0[k] : unused,
+                                       kS > 1 ? s1[k] : unused);
         if (P::K > 0) ext[k] = static_cast<ExtT>(e);
-        for (int j = 0; j < kS; ++j) st[j][k] = s[j];
       }
     });
   }

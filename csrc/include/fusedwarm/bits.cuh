@@ -44,35 +44,41 @@ using F16Format = HalfFormat<5, 10>;
 // Magnitude pattern of |x| in a format with EB exponent bits and N <= 23 mantissa bits,
 // rounded stochastically with the 32 random bits `rnd` (exact when nothing is dropped).
 // Results past the largest finite value become the infinity pattern; NaN stays NaN.
+// Written without branches (selects only) so that the CPU loop vectorizes.
 template <int EB, int N>
 FW_HD uint32_t encode_magnitude(uint32_t abs_bits, uint32_t rnd) {
   static_assert(N <= 23, "mantissa wider than fp32");
   constexpr int kBias = (1 << (EB - 1)) - 1;
   constexpr int kEmin = 1 - kBias;
   constexpr uint32_t kInf = ((1u << EB) - 1u) << N;
-  if (abs_bits >= 0x7F800000u) return abs_bits == 0x7F800000u ? kInf : (kInf | (1u << (N - 1)));
+  const uint32_t nonfinite = abs_bits == 0x7F800000u ? kInf : (kInf | (1u << (N - 1)));
+  if (EB == 8) {
+    // fp32's own exponent range: the pattern is fp32's with 23 - N bits dropped, subnormals
+    // included. Same result as the general path below, in 32-bit arithmetic.
+    constexpr int kDrop = 23 - N;
+    const uint32_t rounded = kDrop == 0 ? abs_bits : (abs_bits + (rnd >> ((32 - kDrop) & 31))) >> kDrop;
+    const uint32_t finite = rounded >= kInf ? kInf : rounded;
+    return abs_bits >= 0x7F800000u ? nonfinite : finite;
+  }
   const int E = static_cast<int>(abs_bits >> 23);
   const uint32_t f = abs_bits & 0x7FFFFFu;
   const uint32_t q = E ? (f | 0x800000u) : f;  // significand: value = q * 2^(e - 23)
   const int e = E ? E - 127 : -126;
-  int s = 23 - N;                 // dropped low bits of q
-  int base = e + kBias - 1;       // (exponent field - 1): adding q's implicit bit carries into it
-  if (e < kEmin) {                // subnormal in the target format
-    s += kEmin - e;
-    base = 0;
-  }
-  uint32_t r;
-  if (s == 0) {
-    r = q;
-  } else if (s <= 32) {
-    r = static_cast<uint32_t>((static_cast<uint64_t>(q) + (rnd >> (32 - s))) >> s);
-  } else if (s - 32 < 24) {
-    r = rnd < (q >> (s - 32)) ? 1u : 0u;
-  } else {
-    r = 0u;
-  }
+  const int below = kEmin - e > 0 ? kEmin - e : 0;  // binades below the target's normal range
+  const int s = 23 - N + below;                     // low bits of q to drop
+  // (exponent field - 1) << N: adding q's implicit bit carries into the exponent field.
+  const uint32_t base = below > 0 ? 0u : static_cast<uint32_t>(e + kBias - 1);
+  // floor(q / 2^s + rnd / 2^32): unbiased with 32-bit resolution. For s >= 32 the result is 0
+  // or 1, with probability q / 2^s.
+  const int sa = s < 31 ? s : 31;
+  const uint64_t wide = (static_cast<uint64_t>(q) << 32) + (static_cast<uint64_t>(rnd) << sa);
+  const uint32_t r_near = static_cast<uint32_t>(wide >> (sa + 32));
+  const int sb = s - 32 < 31 ? (s - 32 > 0 ? s - 32 : 0) : 31;
+  const uint32_t r_far = (s - 32 < 24 && rnd < (q >> sb)) ? 1u : 0u;
+  const uint32_t r = s <= 31 ? r_near : r_far;
   const uint64_t x = (static_cast<uint64_t>(base) << N) + r;
-  return x >= kInf ? kInf : static_cast<uint32_t>(x);
+  const uint32_t finite = x >= kInf ? kInf : static_cast<uint32_t>(x);
+  return abs_bits >= 0x7F800000u ? nonfinite : finite;
 }
 
 // Value of a magnitude pattern with EB exponent bits and N <= 23 mantissa bits, as fp32 (exact).
@@ -83,18 +89,16 @@ FW_HD float decode_magnitude(uint32_t x) {
   if (EB == 8) return bits_float(x << (23 - N));
   const uint32_t te = x >> N;
   const uint32_t frac = x & ((1u << N) - 1u);
-  if (te == kExpMax) return bits_float(frac ? 0x7FC00000u : 0x7F800000u);
-  if (te == 0) {
-    // frac * 2^(1 - bias - N): an integer below 2^24 times a normal power of two, both exact.
-    const float scale = bits_float(static_cast<uint32_t>(127 + 1 - kBias - N) << 23);
-    const float fr = static_cast<float>(frac);
+  // Subnormal: frac * 2^(1 - bias - N), an integer below 2^24 times a normal power of two; exact.
+  const float scale = bits_float(static_cast<uint32_t>(127 + 1 - kBias - N) << 23);
 #if defined(__CUDA_ARCH__)
-    return __fmul_rn(fr, scale);
+  const float subnormal = __fmul_rn(static_cast<float>(frac), scale);
 #else
-    return fr * scale;
+  const float subnormal = static_cast<float>(frac) * scale;
 #endif
-  }
-  return bits_float(((te - kBias + 127u) << 23) | (frac << (23 - N)));
+  const float normal = bits_float(((te - kBias + 127u) << 23) | (frac << (23 - N)));
+  const float special = bits_float(frac ? 0x7FC00000u : 0x7F800000u);
+  return te == kExpMax ? special : (te == 0 ? subnormal : normal);
 }
 
 // fp32 -> half format F with stochastic rounding (optimizer states in bfloat16).
@@ -104,10 +108,12 @@ FW_HD uint16_t half_bits_from_float_sr(float x, uint32_t rnd) {
   return static_cast<uint16_t>(((b >> 16) & 0x8000u) | encode_magnitude<F::EB, F::MB>(b & 0x7FFFFFFFu, rnd));
 }
 
+// Puts the sign bit of a 16-bit pattern onto a non-negative fp32 magnitude.
+FW_HD float with_half_sign(float mag, uint32_t h) { return bits_float(float_bits(mag) | ((h & 0x8000u) << 16)); }
+
 template <class F>
 FW_HD float half_bits_to_float(uint16_t h) {
-  const float mag = decode_magnitude<F::EB, F::MB>(h & 0x7FFFu);
-  return (h & 0x8000u) ? -mag : mag;
+  return with_half_sign(decode_magnitude<F::EB, F::MB>(h & 0x7FFFu), h);
 }
 
 // Master weight codec for a half-precision weight format F with K extra bits.
@@ -120,8 +126,7 @@ struct MasterCodec {
 
   static FW_HD float decode(uint16_t w, int32_t e) {
     const uint32_t x = (static_cast<uint32_t>(w & 0x7FFFu) << D) + static_cast<uint32_t>(e);
-    const float mag = decode_magnitude<F::EB, N>(x);
-    return (w & 0x8000u) ? -mag : mag;
+    return with_half_sign(decode_magnitude<F::EB, N>(x), w);
   }
 
   // Writes the master `v` (finite) as visible weight w and extra bits e.

@@ -49,7 +49,12 @@ struct StateBF16 {
   static FW_HD uint16_t store(float v, uint32_t rnd) { return half_bits_from_float_sr<BF16Format>(v, rnd); }
 };
 
-// ---- update rules ----------------------------------------------------------------------------
+// ---- update rules ---------------------------------------------------------------------------
+
+FW_HD uint32_t sign_flip(bool negate) { return negate ? 0x80000000u : 0u; }
+FW_HD float xor_sign(float x, uint32_t flip) { return bits_float(float_bits(x) ^ flip); }
+
+// ---- rules ----------------------------------------------------------------------------
 
 // AdamW (Loshchilov & Hutter 2019) in torch.optim.AdamW's form: decoupled decay, then
 //   m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2,
@@ -62,7 +67,7 @@ struct AdamW {
   };
   struct Scalars {
     float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps;
-    bool maximize;
+    uint32_t flip;  // sign bit to xor into the gradient (maximize)
   };
   template <class M>
   static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
@@ -75,14 +80,12 @@ struct AdamW {
     s.step_size = M::div(lr, M::sub(1.0f, powi<M>(h.beta1, step)));
     s.bc2_sqrt = M::sqrt(M::sub(1.0f, powi<M>(h.beta2, step)));
     s.eps = h.eps;
-    s.maximize = h.maximize;
+    s.flip = sign_flip(h.maximize);
     return s;
   }
   template <class M>
-  static FW_HD void apply(const Scalars& s, float& p, float g, float* st) {
-    if (s.maximize) g = -g;
-    float& m = st[0];
-    float& v = st[1];
+  static FW_HD void apply(const Scalars& s, float& p, float g, float& m, float& v) {
+    g = xor_sign(g, s.flip);
     p = M::mul(p, s.decay);
     m = M::add(M::mul(s.beta1, m), M::mul(s.one_minus_beta1, g));
     v = M::add(M::mul(s.beta2, v), M::mul(s.one_minus_beta2, M::mul(g, g)));
@@ -98,30 +101,33 @@ struct SGD {
     float momentum, dampening, weight_decay;
     bool nesterov, maximize;
   };
+  // The uniform choices (first step, Nesterov) are folded into coefficients that are exactly
+  // 0 or 1, so the element code has no data-independent branches: buf = cb buf + cg g and
+  // d = ng g + nb buf.
   struct Scalars {
-    float lr, weight_decay, momentum, one_minus_dampening;
-    bool first, nesterov, maximize;
+    float lr, weight_decay, momentum, buf_coef, grad_coef, nesterov_grad, nesterov_buf;
+    uint32_t flip;
   };
   template <class M>
   static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
     Scalars s;
+    const bool first = step <= 1;
     s.lr = lr;
     s.weight_decay = h.weight_decay;
     s.momentum = h.momentum;
-    s.one_minus_dampening = M::sub(1.0f, h.dampening);
-    s.first = step <= 1;
-    s.nesterov = h.nesterov;
-    s.maximize = h.maximize;
+    s.buf_coef = first ? 0.0f : h.momentum;
+    s.grad_coef = first ? 1.0f : M::sub(1.0f, h.dampening);
+    s.nesterov_grad = h.nesterov ? 1.0f : 0.0f;
+    s.nesterov_buf = h.nesterov ? h.momentum : 1.0f;
+    s.flip = sign_flip(h.maximize);
     return s;
   }
   template <class M>
   static FW_HD float direction(const Scalars& s, float p, float g) {
-    if (s.maximize) g = -g;
-    if (s.weight_decay != 0.0f) g = M::add(g, M::mul(s.weight_decay, p));
-    return g;
+    return M::add(xor_sign(g, s.flip), M::mul(s.weight_decay, p));
   }
   template <class M>
-  static FW_HD void apply(const Scalars& s, float& p, float g, float*) {
+  static FW_HD void apply(const Scalars& s, float& p, float g, float&, float&) {
     p = M::sub(p, M::mul(s.lr, direction<M>(s, p, g)));
   }
 };
@@ -137,11 +143,10 @@ struct SGDMomentum {
     return SGD::scalars<M>(h, lr, step);
   }
   template <class M>
-  static FW_HD void apply(const Scalars& s, float& p, float g, float* st) {
+  static FW_HD void apply(const Scalars& s, float& p, float g, float& buf, float&) {
     g = SGD::direction<M>(s, p, g);
-    float& buf = st[0];
-    buf = s.first ? g : M::add(M::mul(s.momentum, buf), M::mul(s.one_minus_dampening, g));
-    const float d = s.nesterov ? M::add(g, M::mul(s.momentum, buf)) : buf;
+    buf = M::add(M::mul(s.buf_coef, buf), M::mul(s.grad_coef, g));
+    const float d = M::add(M::mul(s.nesterov_grad, g), M::mul(s.nesterov_buf, buf));
     p = M::sub(p, M::mul(s.lr, d));
   }
 };
@@ -156,7 +161,7 @@ struct Lion {
   };
   struct Scalars {
     float lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2;
-    bool maximize;
+    uint32_t flip;
   };
   template <class M>
   static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t) {
@@ -167,13 +172,12 @@ struct Lion {
     s.one_minus_beta1 = M::sub(1.0f, h.beta1);
     s.beta2 = h.beta2;
     s.one_minus_beta2 = M::sub(1.0f, h.beta2);
-    s.maximize = h.maximize;
+    s.flip = sign_flip(h.maximize);
     return s;
   }
   template <class M>
-  static FW_HD void apply(const Scalars& s, float& p, float g, float* st) {
-    if (s.maximize) g = -g;
-    float& m = st[0];
+  static FW_HD void apply(const Scalars& s, float& p, float g, float& m, float&) {
+    g = xor_sign(g, s.flip);
     const float c = M::add(M::mul(s.beta1, m), M::mul(s.one_minus_beta1, g));
     const float sign = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f);
     p = M::sub(M::mul(p, s.decay), M::mul(s.lr, sign));
@@ -184,25 +188,35 @@ struct Lion {
 // ---- one element -----------------------------------------------------------------------------
 
 // Updates one element in place. `e` is the extra-bits value (ignored for ParamF32 and K = 0),
-// `st` the rule's kStates raw states. An element whose gradient is not finite is left
-// untouched (weight, extra bits and states), so a single overflow never corrupts a weight.
-// Random word 0 rounds the master, words 1.. round the states.
+// `s0`, `s1` the rule's raw states (those past Rule::kStates are ignored; at most 2). An element
+// whose gradient is not finite is left untouched (weight, extra bits and states), so a single
+// overflow never corrupts a weight. `stream` is stream_key(seed, tensor, step) (philox.cuh);
+// the element's random words round the master (if lossy) and then the states, in that order.
+// Everything is computed unconditionally and selected at the end (no early return, no arrays),
+// so that the CPU loop vectorizes.
 template <class Rule, class P, class S, class M = Ieee>
-FW_HD void update_element(const typename Rule::Scalars& sc, uint64_t seed, uint32_t tensor_id, uint64_t step,
-                          uint64_t index, typename P::storage& w, int32_t& e, typename P::storage g,
-                          typename S::storage* st) {
+FW_HD void update_element(const typename Rule::Scalars& sc, uint64_t stream, uint64_t index, typename P::storage& w,
+                          int32_t& e, typename P::storage g, typename S::storage& s0, typename S::storage& s1) {
+  static_assert(Rule::kStates <= 2, "update_element carries at most two states");
   const float gf = P::grad(g);
-  if (!is_finite(gf)) return;
+  const bool ok = is_finite(gf);
   float p = P::load(w, e);
-  float s[Rule::kStates > 0 ? Rule::kStates : 1];
-  for (int j = 0; j < Rule::kStates; ++j) s[j] = S::load(st[j]);
-  Rule::template apply<M>(sc, p, gf, s);
-  constexpr bool kRandom = P::kLossy || (S::kLossy && Rule::kStates > 0);
+  float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
+  float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
+  Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
+  // Random words: one per stochastically rounded value, the weight's first.
+  constexpr int kWeightWords = P::kLossy ? 1 : 0;
+  constexpr int kWords = kWeightWords + (S::kLossy ? Rule::kStates : 0);
   U32x4 r{0u, 0u, 0u, 0u};
-  if (kRandom) r = element_random(seed, tensor_id, step, index);
-  P::store(p, r.x, w, e);
-  const uint32_t rs[3] = {r.y, r.z, r.w};
-  for (int j = 0; j < Rule::kStates; ++j) st[j] = S::store(s[j], rs[j]);
+  if (kWords > 0) r = element_random<kWords>(stream, index);
+  const uint32_t rs[4] = {r.x, r.y, r.z, r.w};
+  typename P::storage w_new;
+  int32_t e_new;
+  P::store(p, r.x, w_new, e_new);
+  w = ok ? w_new : w;
+  e = ok ? e_new : e;
+  if (Rule::kStates > 0) s0 = ok ? S::store(f0, rs[kWeightWords]) : s0;
+  if (Rule::kStates > 1) s1 = ok ? S::store(f1, rs[kWeightWords + 1]) : s1;
 }
 
 }  // namespace fw
