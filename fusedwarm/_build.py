@@ -21,21 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ._sources import CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, HEADER_SUFFIXES, LD_FLAGS
+
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc" if (ROOT / "csrc").is_dir() else ROOT.parent / "csrc"
 
-CPU_SOURCES = ("ops.cpp", "cpu/step_cpu.cpp")
-CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/step_kernels.cu")
-HEADER_SUFFIXES = (".h", ".cuh")
-
-# -ffp-contract=off / --fmad=false: no fused multiply-add that one backend would do and the other
-# not (DESIGN.md: backends agree bit for bit). No fast-math anywhere; -fno-math-errno only lets
-# sqrt compile to the (IEEE, correctly rounded) instruction without an errno branch, which keeps
-# the element loop vectorizable. -march=native: the build is made on the machine that runs it,
-# and the cache key includes this CPU's feature flags.
-CXX_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
-CUDA_FLAGS = ("-O3", "--fmad=false", "-lineinfo")
-LD_FLAGS = ("-fopenmp",)
+AOT_GLOB = "_C*.so"  # a library built ahead of time by setup.py (FUSEDWARM_BUILD_EXT=1)
 
 _lock = threading.Lock()
 _loaded: str | None = None
@@ -159,12 +150,28 @@ def _check_tools(cfg: BuildConfig) -> None:
             )
 
 
-def build(verbose: bool = False) -> BuildConfig:
-    """Builds (if needed) and loads the extension into this process; returns its configuration.
+def aot_library() -> Path | None:
+    """The library installed by ``FUSEDWARM_BUILD_EXT=1 pip install .``, if any."""
+    found = sorted(ROOT.glob(AOT_GLOB))
+    return found[0] if found else None
+
+
+def build(verbose: bool = False) -> BuildConfig | None:
+    """Builds (if needed) and loads the extension into this process.
 
     Safe to call from many threads and processes at once: one builds, the others wait and load.
+
+    Returns:
+        The JIT build's configuration, or None when an ahead-of-time library was loaded.
     """
     global _loaded
+    aot = aot_library()
+    if aot is not None:
+        with _lock:
+            if _loaded != str(aot):
+                torch.ops.load_library(str(aot))
+                _loaded = str(aot)
+        return None
     cfg = config()
     with _lock:
         if _loaded == cfg.name:

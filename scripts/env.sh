@@ -1,0 +1,21 @@
+# Sourced by demo.sh and test.sh: prepares a Python environment for fusedwarm and sets $PY.
+# An existing torch is used as it is (the virtual environment sees the system's packages); with
+# no torch, the CPU build torch==2.13.0 is installed (pinned: an unpinned torch pulls gigabytes
+# of CUDA packages).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BASE_PY="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$BASE_PY" -m venv --system-site-packages "$VENV"
+fi
+PY="$VENV/bin/python"
+export PATH="$VENV/bin:$PATH"
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "fusedwarm: no torch found; installing torch==2.13.0 (CPU build)"
+  pip_install torch==2.13.0
+fi
+command -v ninja >/dev/null 2>&1 || pip_install ninja
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+cd "$ROOT"
