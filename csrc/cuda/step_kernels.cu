@@ -1,0 +1,219 @@
+// CUDA backend (layer 2 of DESIGN.md): the multi-tensor step kernel.
+//
+// It only moves data. Every value it writes comes from fw::update_element, the function the CPU
+// backend calls, with the per-tensor scalars computed by the same Rule::scalars from the same lr
+// and step, and random bits keyed by (seed, tensor, step, element) only; so the two backends
+// agree bit for bit whatever the grid, block or vector layout.
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "step_kernels.h"
+
+namespace fusedwarm {
+namespace gpu {
+namespace {
+
+// One 128-bit access, or one 64-bit access for the kPack int8 extra bits.
+template <class T>
+using WordOf = std::conditional_t<(sizeof(T) * kPack >= 16), uint4, uint2>;
+
+// kPack consecutive elements, viewed as the words that load and store them.
+template <class T>
+union Pack {
+  T v[kPack];
+  WordOf<T> w[sizeof(T) * kPack / sizeof(WordOf<T>)];
+};
+
+template <class T>
+__device__ __forceinline__ void load_pack(Pack<T>& r, const T* p) {
+  const auto* src = reinterpret_cast<const WordOf<T>*>(p);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(r.w) / sizeof(r.w[0])); ++i) r.w[i] = src[i];
+}
+
+template <class T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& r) {
+  auto* dst = reinterpret_cast<WordOf<T>*>(p);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(r.w) / sizeof(r.w[0])); ++i) dst[i] = r.w[i];
+}
+
+// One tensor of the launch as seen by one thread: typed pointers plus the step's scalars.
+template <class Rule, class P, class S>
+struct SlotUpdate {
+  using W = typename P::storage;
+  using St = typename S::storage;
+  using Ext = std::conditional_t<P::K == 16, int16_t, int8_t>;
+  static constexpr int kStates = Rule::kStates;
+  static constexpr bool kExtra = P::K > 0;
+
+  W* param;
+  const W* grad;
+  Ext* extra;
+  St* state0;
+  St* state1;
+  int64_t numel;
+  uint64_t stream;
+  typename Rule::Scalars scalars;
+
+  // Exactly the CPU backend's per-tensor values: scalars from the signed step, the random stream
+  // from the step's bits.
+  __device__ SlotUpdate(const TensorSlot& t, const typename Rule::Hyper& hyper, float lr, uint64_t seed)
+      : param(static_cast<W*>(t.param)),
+        grad(static_cast<const W*>(t.grad)),
+        extra(static_cast<Ext*>(t.extra)),
+        state0(static_cast<St*>(t.state[0])),
+        state1(static_cast<St*>(t.state[1])),
+        numel(t.numel) {
+    const int64_t step = *t.step;
+    stream = fw::stream_key(seed, t.tensor_id, static_cast<uint64_t>(step));
+    scalars = Rule::template scalars<fw::Ieee>(hyper, lr, step);
+  }
+
+  __device__ __forceinline__ void one(int64_t k) const {
+    int32_t e = 0;
+    if constexpr (kExtra) e = extra[k];
+    St s0{}, s1{};
+    if constexpr (kStates > 0) s0 = state0[k];
+    if constexpr (kStates > 1) s1 = state1[k];
+    fw::update_element<Rule, P, S>(scalars, stream, static_cast<uint64_t>(k), param[k], e, grad[k], s0, s1);
+    if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
+    if constexpr (kStates > 0) state0[k] = s0;
+    if constexpr (kStates > 1) state1[k] = s1;
+  }
+
+  // Elements k0 .. k0 + kPack - 1, all in range, every pointer 16-byte aligned. Elements whose
+  // gradient is not finite are written back unchanged.
+  __device__ __forceinline__ void pack(int64_t k0) const {
+    Pack<W> w, g;
+    Pack<Ext> x;
+    Pack<St> s0, s1;
+    load_pack(w, param + k0);
+    load_pack(g, grad + k0);
+    if constexpr (kExtra) load_pack(x, extra + k0);
+    if constexpr (kStates > 0) load_pack(s0, state0 + k0);
+    if constexpr (kStates > 1) load_pack(s1, state1 + k0);
+#pragma unroll
+    for (int i = 0; i < kPack; ++i) {
+      int32_t e = 0;
+      if constexpr (kExtra) e = x.v[i];
+      fw::update_element<Rule, P, S>(scalars, stream, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i], s0.v[i],
+                                     s1.v[i]);
+      if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
+    }
+    store_pack(param + k0, w);
+    if constexpr (kExtra) store_pack(extra + k0, x);
+    if constexpr (kStates > 0) store_pack(state0 + k0, s0);
+    if constexpr (kStates > 1) store_pack(state1 + k0, s1);
+  }
+
+  // The kTile elements from `base`. Vectorized: thread t takes the pack at base + kPack t (the
+  // one pack that crosses the end of the tensor goes element by element). Otherwise thread t
+  // takes base + t + kThreads j, so that the scalar accesses of a warp stay coalesced.
+  __device__ __forceinline__ void tile(int64_t base, bool vectorized) const {
+    if (vectorized) {
+      const int64_t k0 = base + static_cast<int64_t>(threadIdx.x) * kPack;
+      if (k0 + kPack <= numel) {
+        pack(k0);
+      } else {
+        for (int64_t k = k0; k < numel; ++k) one(k);
+      }
+    } else {
+      for (int j = 0; j < kPack; ++j) {
+        const int64_t k = base + static_cast<int64_t>(j) * kThreads + threadIdx.x;
+        if (k < numel) one(k);
+      }
+    }
+  }
+};
+
+// The slot that holds global tile `tile`: the last one whose first_tile is <= tile (slot 0
+// starts at tile 0 and no slot is empty).
+__device__ __forceinline__ int64_t find_slot(const TensorSlot* slots, int64_t count, int64_t tile) {
+  int64_t lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (slots[mid].first_tile <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Block b takes the b-th of gridDim.x near-equal contiguous ranges of tiles (the grid never has
+// more blocks than tiles), so the one binary search per block is followed by a forward walk
+// through the slots it spans.
+template <class Rule, class P, class S>
+__global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, const typename Rule::Hyper hyper) {
+  const int64_t blocks = gridDim.x;
+  const int64_t b = blockIdx.x;
+  const int64_t per_block = a.num_tiles / blocks;
+  const int64_t rest = a.num_tiles % blocks;
+  int64_t tile = b * per_block + (b < rest ? b : rest);
+  const int64_t end = tile + per_block + (b < rest ? 1 : 0);
+  const float lr = a.lr != nullptr ? *a.lr : a.lr_value;
+  for (int64_t s = find_slot(a.slots, a.num_slots, tile); tile < end; ++s) {
+    const TensorSlot t = a.slots[s];
+    const SlotUpdate<Rule, P, S> u(t, hyper, lr, a.seed);
+    const int64_t slot_end = t.first_tile + tiles_of(t.numel);
+    const int64_t stop = slot_end < end ? slot_end : end;
+    for (; tile < stop; ++tile) u.tile((tile - t.first_tile) * kTile, t.vectorized != 0);
+  }
+}
+
+}  // namespace
+
+template <class Rule, class P, class S>
+cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hyper, cudaStream_t stream) {
+  if (args.num_tiles == 0) return cudaSuccess;
+  const auto kernel = step_kernel<Rule, P, S>;
+  // As many blocks as can be resident at once: each then walks its range of tiles in a single
+  // wave, and the grid stays far below gridDim.x's limit whatever the number of elements.
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  const int64_t grid = args.num_tiles < resident ? args.num_tiles : resident;
+  kernel<<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(args, hyper);
+  return cudaGetLastError();
+}
+
+namespace {
+using Bf16K0 = fw::ParamHalf<fw::BF16Format, 0>;
+using Bf16K8 = fw::ParamHalf<fw::BF16Format, 8>;
+using Bf16K16 = fw::ParamHalf<fw::BF16Format, 16>;
+using F16K0 = fw::ParamHalf<fw::F16Format, 0>;
+using F16K8 = fw::ParamHalf<fw::F16Format, 8>;
+using F16K16 = fw::ParamHalf<fw::F16Format, 16>;
+}  // namespace
+
+#define FW_INSTANTIATE(Rule, P, S) \
+  template cudaError_t launch_step<Rule, P, S>(const LaunchArgs&, const Rule::Hyper&, cudaStream_t);
+#define FW_INSTANTIATE_STATES(Rule, P)   \
+  FW_INSTANTIATE(Rule, P, fw::StateF32) \
+  FW_INSTANTIATE(Rule, P, fw::StateBF16)
+#define FW_INSTANTIATE_RULE(Rule)             \
+  FW_INSTANTIATE_STATES(Rule, fw::ParamF32) \
+  FW_INSTANTIATE_STATES(Rule, Bf16K0)       \
+  FW_INSTANTIATE_STATES(Rule, Bf16K8)       \
+  FW_INSTANTIATE_STATES(Rule, Bf16K16)      \
+  FW_INSTANTIATE_STATES(Rule, F16K0)        \
+  FW_INSTANTIATE_STATES(Rule, F16K8)        \
+  FW_INSTANTIATE_STATES(Rule, F16K16)
+
+FW_INSTANTIATE_RULE(fw::AdamW)
+FW_INSTANTIATE_RULE(fw::SGD)
+FW_INSTANTIATE_RULE(fw::SGDMomentum)
+FW_INSTANTIATE_RULE(fw::Lion)
+
+#undef FW_INSTANTIATE_RULE
+#undef FW_INSTANTIATE_STATES
+#undef FW_INSTANTIATE
+
+}  // namespace gpu
+}  // namespace fusedwarm

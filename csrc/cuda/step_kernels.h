@@ -1,0 +1,58 @@
+// CUDA backend (layer 2 of DESIGN.md): the multi-tensor step kernel's host-side ABI.
+//
+// Torch-free on purpose, so that nvcc compiles the kernels on any machine; the thin adapter in
+// ops_cuda.cpp turns at::Tensor lists into TensorSlots, copies them to the device and launches.
+//
+// One launch updates every tensor of a call. The tensors' elements are cut into tiles of kTile
+// (each thread of a block takes one pack of kPack consecutive elements); tiles are numbered
+// across the tensors in slot order, and block b of the grid updates one contiguous range of
+// tiles, so metadata grows with the number of tensors, not with their size.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fusedwarm/update.cuh"
+
+namespace fusedwarm {
+namespace gpu {
+
+constexpr int kThreads = 256;                         // threads per block
+constexpr int kPack = 8;                              // consecutive elements per thread and tile
+constexpr int64_t kTile = int64_t{kThreads} * kPack;  // elements per tile (one block's pass)
+constexpr uintptr_t kVectorAlign = 16;                // bytes, for the 128-bit loads and stores
+
+// One tensor of a launch, as raw device pointers. The host fills it; the kernel only reads it.
+struct TensorSlot {
+  void* param;
+  const void* grad;
+  void* extra;           // extra bits (int8 for K = 8, int16 for K = 16), nullptr for K = 0
+  void* state[2];        // the rule's states in order; entries past Rule::kStates are nullptr
+  const int64_t* step;   // the tensor's step counter (already incremented for this step)
+  int64_t numel;         // > 0: empty tensors get no slot
+  int64_t first_tile;    // number of tiles in all earlier slots of the launch
+  uint32_t tensor_id;
+  uint32_t vectorized;   // 1 when every pointer above is kVectorAlign-aligned
+};
+static_assert(sizeof(TensorSlot) == 72 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by g++ and nvcc");
+
+FW_HD int64_t tiles_of(int64_t numel) { return (numel + kTile - 1) / kTile; }
+
+struct LaunchArgs {
+  const TensorSlot* slots;  // device memory, num_slots entries with increasing first_tile
+  int64_t num_slots;
+  int64_t num_tiles;        // sum of tiles_of(numel) over the slots
+  const float* lr;          // device pointer to the learning rate, or nullptr to use lr_value
+  float lr_value;
+  uint64_t seed;
+};
+
+// Enqueues one step of Rule on `stream` for every slot and returns the launch status. Nothing
+// is synchronized: lr and the steps are read on the device when the kernel runs. Instantiated
+// for every Rule, every ParamF32 / ParamHalf<BF16Format|F16Format, 0|8|16>, and StateF32 /
+// StateBF16.
+template <class Rule, class P, class S>
+cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hyper, cudaStream_t stream);
+
+}  // namespace gpu
+}  // namespace fusedwarm
