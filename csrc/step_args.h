@@ -60,13 +60,4 @@ void dispatch_storage(const StepLists& L, Fn&& fn) {
   }
 }
 
-template <int K>
-struct ExtType {
-  using type = int8_t;
-};
-template <>
-struct ExtType<16> {
-  using type = int16_t;
-};
-
 }  // namespace fusedwarm

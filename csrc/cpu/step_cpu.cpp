@@ -14,7 +14,7 @@ template <class Rule, class P, class S>
 void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   using PS = typename P::storage;
   using SS = typename S::storage;
-  using ExtT = typename ExtType<P::K>::type;
+  using ExtT = typename P::extra_storage;
   constexpr int kS = Rule::kStates;
   const float lr = L.lr_tensor ? L.lr_tensor->data_ptr<float>()[0] : static_cast<float>(L.lr);
   const uint64_t seed = static_cast<uint64_t>(L.seed);

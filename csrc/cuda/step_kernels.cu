@@ -44,7 +44,7 @@ template <class Rule, class P, class S>
 struct SlotUpdate {
   using W = typename P::storage;
   using St = typename S::storage;
-  using Ext = std::conditional_t<P::K == 16, int16_t, int8_t>;
+  using Ext = typename P::extra_storage;
   static constexpr int kStates = Rule::kStates;
   static constexpr bool kExtra = P::K > 0;
 

@@ -11,9 +11,20 @@ namespace fw {
 
 // ---- storage kinds -------------------------------------------------------------------------
 
+// Storage of the extra bits: int16 for 16, int8 for 8 (and a placeholder for none).
+template <int K>
+struct ExtraStorage {
+  using type = int8_t;
+};
+template <>
+struct ExtraStorage<16> {
+  using type = int16_t;
+};
+
 // A float32 weight: it is its own master, no extra bits.
 struct ParamF32 {
   using storage = float;
+  using extra_storage = ExtraStorage<0>::type;
   static constexpr int K = 0;
   static constexpr bool kLossy = false;
   static FW_HD float grad(float g) { return g; }
@@ -25,6 +36,7 @@ struct ParamF32 {
 template <class F, int K_>
 struct ParamHalf {
   using storage = uint16_t;
+  using extra_storage = typename ExtraStorage<K_>::type;
   using Codec = MasterCodec<F, K_>;
   static constexpr int K = K_;
   static constexpr bool kLossy = Codec::kLossy;
