@@ -52,6 +52,10 @@ def _check_nonneg(name: str, value: Any) -> None:
     if isinstance(value, Tensor):
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"{name} must be a float or a one-element floating-point tensor, got {value!r}")
+        # As torch.optim does, the value is checked once here (a sync for a GPU tensor at
+        # construction only); step() itself never reads it on the host.
+        if not bool(value >= 0):
+            raise ValueError(f"Invalid {name}: {value!r} (expected a number >= 0)")
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) or value < 0:
         raise ValueError(f"Invalid {name}: {value!r} (expected a number >= 0)")
@@ -72,7 +76,7 @@ def _check_lr_betas(group: dict[str, Any]) -> None:
 
 
 def _check_common(extra_bits: Any, state_dtype: Any, seed: Any) -> None:
-    if extra_bits not in EXTRA_BITS or isinstance(extra_bits, bool):
+    if type(extra_bits) is not int or extra_bits not in EXTRA_BITS:
         raise ValueError(f"Invalid extra_bits: {extra_bits!r} (expected one of {EXTRA_BITS})")
     if state_dtype is not None and state_dtype not in STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32 or torch.bfloat16)")
@@ -172,12 +176,37 @@ class FusedOptimizer(Optimizer):
                 f"{what} has a gradient of dtype {g.dtype}, shape {tuple(g.shape)} on {g.device}; "
                 f"expected dtype {p.dtype}, shape {tuple(p.shape)} on {p.device}"
             )
-        state = self.state.get(p)
-        if state:
-            k = self._extra_bits(group, p)
-            extra = state.get("extra")
-            if (extra.dtype if extra is not None else None) != _EXTRA_DTYPE.get(k):
-                raise RuntimeError(f"{what}: extra_bits changed to {k} after the first step; this is not supported")
+        self._check_state(group, what, p, self.state.get(p, {}), RuntimeError)
+
+    def _expected_state(self, group: dict[str, Any], p: Tensor) -> dict[str, torch.dtype]:
+        """The state tensors of ``p`` under ``group``'s options, with their dtypes."""
+        expected = {"step": torch.int64}
+        k = self._extra_bits(group, p)
+        if k:
+            expected["extra"] = _EXTRA_DTYPE[k]
+        for name in self._state_names(group):
+            expected[name] = self._state_dtype(group, p)
+        return expected
+
+    def _check_state(self, group: dict[str, Any], what: str, p: Tensor, state: dict[str, Any], error: type) -> None:
+        """Raises ``error`` if an existing state tensor of ``p`` has the wrong dtype, shape or device."""
+        if not state:
+            return
+        expected = self._expected_state(group, p)
+        k = self._extra_bits(group, p)
+        extra = state.get("extra")
+        if (extra.dtype if isinstance(extra, Tensor) else None) != expected.get("extra"):
+            raise error(f"{what}: extra_bits changed to {k} after the first step; this is not supported")
+        for name, dtype in expected.items():
+            t = state.get(name)
+            if t is None:
+                continue
+            shape = () if name == "step" else tuple(p.shape)
+            if not isinstance(t, Tensor) or t.dtype != dtype or tuple(t.shape) != shape or t.device != p.device:
+                got = f"{t.dtype}, shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(t)
+                raise error(
+                    f"{what}: state '{name}' is {got}; expected {dtype}, shape {shape} on {p.device}"
+                )
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
@@ -287,34 +316,50 @@ class FusedOptimizer(Optimizer):
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point states to the parameter's
         dtype, which would round float32 states and destroy the integer extra bits; here the
-        state tensors are restored as saved (copied onto the parameter's device), after checking
-        that each matches its parameter.
+        state tensors are restored as saved (copied onto the parameter's device). Everything is
+        checked before anything changes: group options, and each state tensor's dtype, shape and
+        device against its parameter. Options missing from the saved groups (e.g. a
+        ``torch.optim.AdamW`` state dict) take this optimizer's defaults; a float ``step`` is
+        converted to int64.
         """
+        name = type(self).__name__
         saved_groups = state_dict["param_groups"]
-        index_to_param = {}
-        for group, saved in zip(self.param_groups, saved_groups):
-            index_to_param.update(zip(saved["params"], group["params"]))
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        groups = [{**self.defaults, **saved} for saved in saved_groups]
+        index_to_param: dict[Any, tuple[int, int, Tensor]] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
+            self._check_group_options(groups[gi])
+            for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
+                index_to_param[key] = (gi, i, p)
         kept: dict[Any, dict[str, Tensor]] = {}
         stripped: dict[Any, dict[str, Any]] = {}
         for key, entry in state_dict["state"].items():
             tensors = {k: v for k, v in entry.items() if isinstance(v, Tensor)}
-            p = index_to_param.get(key)
-            if p is not None:
-                for name, value in tensors.items():
-                    if name != "step" and value.shape != p.shape:
-                        raise ValueError(
-                            f"{type(self).__name__}.load_state_dict: state '{name}' of parameter {key} has shape "
-                            f"{tuple(value.shape)} but the parameter has shape {tuple(p.shape)}"
-                        )
-            kept[key] = tensors
             stripped[key] = {k: v for k, v in entry.items() if not isinstance(v, Tensor)}
-        super().load_state_dict({**state_dict, "state": stripped})
-        for key, tensors in kept.items():
-            p = index_to_param.get(key)
-            if p is None:
+            if key not in index_to_param:
                 continue
-            for name, value in tensors.items():
-                self.state[p][name] = value.to(device=p.device, copy=True)
+            gi, i, p = index_to_param[key]
+            for k, value in tensors.items():
+                if k != "step" and value.shape != p.shape:
+                    raise ValueError(
+                        f"{name}.load_state_dict: state '{k}' of parameter {key} has shape {tuple(value.shape)} "
+                        f"but the parameter has shape {tuple(p.shape)}"
+                    )
+            step = tensors.get("step")
+            if step is not None and step.is_floating_point():
+                tensors["step"] = step.to(torch.int64)
+            tensors = {k: v.to(device=p.device, copy=True) for k, v in tensors.items()}
+            what = f"{name}.load_state_dict: parameter {key} ({self._param_label(groups[gi], gi, i, p)})"
+            self._check_state(groups[gi], what, p, tensors, ValueError)
+            kept[key] = tensors
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped})
+        for key, tensors in kept.items():
+            self.state[index_to_param[key][2]].update(tensors)
 
 
 class AdamW(FusedOptimizer):

@@ -1,0 +1,163 @@
+"""The operator surface: ``torch.library.opcheck`` on every op, and the ops under ``torch.compile``.
+
+opcheck runs each op for real and checks its schema (the mutation annotations match what the
+kernel writes), its autograd registration, its fake kernel against the real one, and its
+behaviour under AOTAutograd with dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+
+from fusedwarm import _ops
+
+EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
+HALF_EXTRA_RANGE = {(torch.bfloat16, 16): 2**15, (torch.bfloat16, 8): 2**7, (torch.float16, 16): 2**12,
+                    (torch.float16, 8): 2**7}
+SHAPES = [(37,), (3, 4), (2, 1, 5)]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return _ops.load()
+
+
+def step_inputs(dtype, extra_bits, state_dtype, num_states, seed):
+    """Random, non-zero inputs of a fused step over tensors of several shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    extras = []
+    if dtype != torch.float32 and extra_bits:
+        half = HALF_EXTRA_RANGE[(dtype, extra_bits)]  # the range the split can produce
+        extras = [torch.randint(-half, half, s, generator=gen).to(EXTRA_DTYPE[extra_bits]) for s in SHAPES]
+    states = []
+    for j in range(num_states):
+        # The last state of AdamW is a second moment: positive.
+        make = (lambda s: torch.rand(s, generator=gen) + 0.1) if j == 1 else (lambda s: torch.randn(s, generator=gen))
+        states.append([make(s).to(state_dtype) for s in SHAPES])
+    steps = [torch.tensor(int(t)) for t in torch.randint(1, 50, (len(SHAPES),), generator=gen)]
+    return params, grads, extras, states, steps, [3, 0, 7]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+# bf16 weights + int16 extras + fp32 states; fp32 weights; no extra bits with bf16 states.
+CASES = {
+    "bf16-x16-sf32": (torch.bfloat16, 16, torch.float32),
+    "f32-sf32": (torch.float32, 0, torch.float32),
+    "bf16-x0-sbf16": (torch.bfloat16, 0, torch.bfloat16),
+}
+cases = pytest.mark.parametrize("case", list(CASES))
+
+
+def _check(op, args):
+    result = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def _mutates(op, args):
+    """Runs the op on a deep copy of args and returns whether the first tensor list changed."""
+    before = copy.deepcopy(args)
+    after = copy.deepcopy(args)
+    op(*after)
+    return any(not torch.equal(a, b) for a, b in zip(before[0], after[0]))
+
+
+@pytest.mark.parametrize("case,lr_as_tensor", [(c, False) for c in CASES] + [("bf16-x16-sf32", True)],
+                         ids=list(CASES) + ["bf16-x16-sf32-lr_tensor"])
+def test_opcheck_adamw(ops, case, lr_as_tensor):
+    dtype, extra_bits, state_dtype = CASES[case]
+    params, grads, extras, states, steps, ids = step_inputs(dtype, extra_bits, state_dtype, 2, seed=1)
+    lr_tensor = torch.tensor(3e-2) if lr_as_tensor else None
+    args = (params, grads, extras, states[0], states[1], steps, ids, lr_tensor, 0.0 if lr_as_tensor else 3e-2,
+            extra_bits, 1234, 0.9, 0.99, 1e-8, 0.1, False)
+    assert _mutates(ops.adamw_.default, args)
+    _check(ops.adamw_.default, args)
+
+
+@cases
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, True)], ids=["no_momentum", "nesterov"])
+def test_opcheck_sgd(ops, case, momentum, nesterov):
+    dtype, extra_bits, state_dtype = CASES[case]
+    params, grads, extras, states, steps, ids = step_inputs(dtype, extra_bits, state_dtype, 1, seed=2)
+    buffers = states[0] if momentum else []
+    args = (params, grads, extras, buffers, steps, ids, None, 5e-2, extra_bits, 99, momentum, 0.0, 1e-3, nesterov,
+            False)
+    assert _mutates(ops.sgd_.default, args)
+    _check(ops.sgd_.default, args)
+
+
+@cases
+def test_opcheck_lion(ops, case):
+    dtype, extra_bits, state_dtype = CASES[case]
+    params, grads, extras, states, steps, ids = step_inputs(dtype, extra_bits, state_dtype, 1, seed=3)
+    args = (params, grads, extras, states[0], steps, ids, None, 1e-2, extra_bits, 5, 0.9, 0.99, 0.1, True)
+    assert _mutates(ops.lion_.default, args)
+    _check(ops.lion_.default, args)
+
+
+@pytest.mark.parametrize("dtype,extra_bits", [(torch.bfloat16, 16), (torch.bfloat16, 8), (torch.float16, 16),
+                                              (torch.float32, 0)],
+                         ids=["bf16-x16", "bf16-x8", "f16-x16", "f32"])
+def test_opcheck_master_weight(ops, dtype, extra_bits):
+    gen = torch.Generator().manual_seed(4)
+    param = torch.randn(6, 5, generator=gen).to(dtype)
+    if extra_bits:
+        half = HALF_EXTRA_RANGE[(dtype, extra_bits)]
+        extra = torch.randint(-half, half, (6, 5), generator=gen).to(EXTRA_DTYPE[extra_bits])
+    else:
+        extra = torch.empty(0, dtype=torch.int8)
+    out = ops.master_weight(param, extra, extra_bits)
+    assert out.dtype == torch.float32 and out.shape == param.shape
+    if extra_bits:
+        assert not torch.equal(out, param.float()), "the extra bits must change the master"
+    else:
+        assert torch.equal(out, param.float()), "without extra bits the master is the weight"
+    _check(ops.master_weight.default, (param, extra, extra_bits))
+
+
+def test_opcheck_philox4x32(ops):
+    gen = torch.Generator().manual_seed(5)
+    counters = torch.randint(0, 2**32, (9, 4), generator=gen, dtype=torch.int64)
+    _check(ops.philox4x32.default, (counters, 0x0123456789ABCDEF))
+    _check(ops.philox4x32.default, (counters, -2))  # a key with the top bit set
+
+
+def _have_cxx() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="this torch has no torch.compile")
+@pytest.mark.skipif(not _have_cxx(), reason="torch.compile's inductor backend needs a C++ compiler on the CPU")
+def test_ops_under_torch_compile_fullgraph(ops):
+    """A compiled (fullgraph, inductor) function calling the step op and master_weight gives the same
+    bits as eager, including the in-place updates of params, extra bits and states."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile (dynamo) is not supported on this Python/platform")
+    torch._dynamo.reset()
+
+    def step_and_read(params, grads, extras, buffers, steps):
+        ops.sgd_(params, grads, extras, buffers, steps, [0, 1, 2], None, 0.25, 8, 77, 0.9, 0.0, 1e-2, True, False)
+        return [ops.master_weight(p, e, 8) * 2 for p, e in zip(params, extras)]
+
+    params, grads, extras, states, steps, _ = step_inputs(torch.bfloat16, 8, torch.bfloat16, 1, seed=6)
+    eager_args = copy.deepcopy((params, grads, extras, states[0], steps))
+    compiled_args = copy.deepcopy(eager_args)
+    expected = step_and_read(*eager_args)
+    got = torch.compile(step_and_read, fullgraph=True)(*compiled_args)
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    for name, xs, ys in zip(("params", "grads", "extras", "buffers", "steps"), eager_args, compiled_args):
+        for x, y in zip(xs, ys):
+            assert x.dtype == y.dtype and torch.equal(bits(x), bits(y)), name
+    assert not torch.equal(eager_args[0][0], params[0]), "the step must have changed the weights"
