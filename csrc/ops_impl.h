@@ -20,8 +20,10 @@ struct OpImpls {
     const StepLists L = make_step_lists(params, grads, extras, {exp_avgs, exp_avg_sqs}, steps, tensor_ids,
                                         lr_tensor, lr, extra_bits, seed);
     check_step_lists("adamw_", L, fw::AdamW::kStates);
-    const fw::AdamW::Hyper h{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
-                             static_cast<float>(weight_decay), maximize};
+    const fw::AdamW::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
+                             static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                             static_cast<float>(eps),         static_cast<float>(weight_decay),
+                             maximize};
     Backend::template run<fw::AdamW>(L, h);
   }
 
@@ -29,7 +31,7 @@ struct OpImpls {
                    at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef tensor_ids,
                    const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
-    const fw::SGD::Hyper h{static_cast<float>(momentum), static_cast<float>(dampening),
+    const fw::SGD::Hyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                            static_cast<float>(weight_decay), nesterov, maximize};
     if (momentum == 0.0) {
       const StepLists L = make_step_lists(params, grads, extras, {}, steps, tensor_ids, lr_tensor, lr, extra_bits,
@@ -51,8 +53,9 @@ struct OpImpls {
     const StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr,
                                         extra_bits, seed);
     check_step_lists("lion_", L, fw::Lion::kStates);
-    const fw::Lion::Hyper h{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(weight_decay),
-                            maximize};
+    const fw::Lion::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
+                            static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                            static_cast<float>(weight_decay), maximize};
     Backend::template run<fw::Lion>(L, h);
   }
 };

@@ -73,8 +73,11 @@ FW_HD float xor_sign(float x, uint32_t flip) { return bits_float(float_bits(x) ^
 //   p = p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
 struct AdamW {
   static constexpr int kStates = 2;
+  // 1 - beta comes from the host, computed in double and rounded once, as torch.optim does:
+  // 1.0f - 0.99f is not the float nearest 0.01, and Lion's sign() turns such a difference into
+  // a full step where b1 m + (1-b1) g is near zero.
   struct Hyper {
-    float beta1, beta2, eps, weight_decay;
+    float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
     bool maximize;
   };
   struct Scalars {
@@ -86,9 +89,9 @@ struct AdamW {
     Scalars s;
     s.decay = M::sub(1.0f, M::mul(lr, h.weight_decay));
     s.beta1 = h.beta1;
-    s.one_minus_beta1 = M::sub(1.0f, h.beta1);
+    s.one_minus_beta1 = h.one_minus_beta1;
     s.beta2 = h.beta2;
-    s.one_minus_beta2 = M::sub(1.0f, h.beta2);
+    s.one_minus_beta2 = h.one_minus_beta2;
     s.step_size = M::div(lr, M::sub(1.0f, powi<M>(h.beta1, step)));
     s.bc2_sqrt = M::sqrt(M::sub(1.0f, powi<M>(h.beta2, step)));
     s.eps = h.eps;
@@ -110,7 +113,7 @@ struct AdamW {
 struct SGD {
   static constexpr int kStates = 0;
   struct Hyper {
-    float momentum, dampening, weight_decay;
+    float momentum, one_minus_dampening, weight_decay;  // 1 - dampening from the host, as in AdamW
     bool nesterov, maximize;
   };
   // The uniform choices (first step, Nesterov) are folded into coefficients that are exactly
@@ -128,7 +131,7 @@ struct SGD {
     s.weight_decay = h.weight_decay;
     s.momentum = h.momentum;
     s.buf_coef = first ? 0.0f : h.momentum;
-    s.grad_coef = first ? 1.0f : M::sub(1.0f, h.dampening);
+    s.grad_coef = first ? 1.0f : h.one_minus_dampening;
     s.nesterov_grad = h.nesterov ? 1.0f : 0.0f;
     s.nesterov_buf = h.nesterov ? h.momentum : 1.0f;
     s.flip = sign_flip(h.maximize);
@@ -168,7 +171,7 @@ struct SGDMomentum {
 struct Lion {
   static constexpr int kStates = 1;
   struct Hyper {
-    float beta1, beta2, weight_decay;
+    float beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay;  // 1 - beta from the host
     bool maximize;
   };
   struct Scalars {
@@ -181,9 +184,9 @@ struct Lion {
     s.lr = lr;
     s.decay = M::sub(1.0f, M::mul(lr, h.weight_decay));
     s.beta1 = h.beta1;
-    s.one_minus_beta1 = M::sub(1.0f, h.beta1);
+    s.one_minus_beta1 = h.one_minus_beta1;
     s.beta2 = h.beta2;
-    s.one_minus_beta2 = M::sub(1.0f, h.beta2);
+    s.one_minus_beta2 = h.one_minus_beta2;
     s.flip = sign_flip(h.maximize);
     return s;
   }
