@@ -166,17 +166,22 @@ class FusedOptimizer(Optimizer):
 
     def _check_grad(self, group: dict[str, Any], gi: int, i: int, p: Tensor) -> None:
         g = p.grad
-        what = f"{type(self).__name__}: {self._param_label(group, gi, i, p)}"
-        if g.is_sparse or g.layout != torch.strided:
-            raise RuntimeError(f"{what} has a sparse gradient ({g.layout}); fusedwarm supports dense gradients only")
+
+        def what() -> str:  # built only for an error message: step() checks every parameter
+            return f"{type(self).__name__}: {self._param_label(group, gi, i, p)}"
+
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{what()} has a sparse gradient ({g.layout}); fusedwarm supports dense gradients only")
         if g.is_complex():
-            raise RuntimeError(f"{what} has a complex gradient ({g.dtype}); fusedwarm supports real gradients only")
+            raise RuntimeError(f"{what()} has a complex gradient ({g.dtype}); fusedwarm supports real gradients only")
         if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
             raise RuntimeError(
-                f"{what} has a gradient of dtype {g.dtype}, shape {tuple(g.shape)} on {g.device}; "
+                f"{what()} has a gradient of dtype {g.dtype}, shape {tuple(g.shape)} on {g.device}; "
                 f"expected dtype {p.dtype}, shape {tuple(p.shape)} on {p.device}"
             )
-        self._check_state(group, what, p, self.state.get(p, {}), RuntimeError)
+        state = self.state.get(p)
+        if state:
+            self._check_state(group, what, p, state, RuntimeError)
 
     def _expected_state(self, group: dict[str, Any], p: Tensor) -> dict[str, torch.dtype]:
         """The state tensors of ``p`` under ``group``'s options, with their dtypes."""
@@ -188,24 +193,25 @@ class FusedOptimizer(Optimizer):
             expected[name] = self._state_dtype(group, p)
         return expected
 
-    def _check_state(self, group: dict[str, Any], what: str, p: Tensor, state: dict[str, Any], error: type) -> None:
+    def _check_state(self, group: dict[str, Any], what: Callable[[], str], p: Tensor, state: dict[str, Any],
+                     error: type) -> None:
         """Raises ``error`` if an existing state tensor of ``p`` has the wrong dtype, shape or device."""
         if not state:
             return
         expected = self._expected_state(group, p)
-        k = self._extra_bits(group, p)
         extra = state.get("extra")
         if (extra.dtype if isinstance(extra, Tensor) else None) != expected.get("extra"):
-            raise error(f"{what}: extra_bits changed to {k} after the first step; this is not supported")
+            k = self._extra_bits(group, p)
+            raise error(f"{what()}: extra_bits changed to {k} after the first step; this is not supported")
         for name, dtype in expected.items():
             t = state.get(name)
             if t is None:
                 continue
-            shape = () if name == "step" else tuple(p.shape)
-            if not isinstance(t, Tensor) or t.dtype != dtype or tuple(t.shape) != shape or t.device != p.device:
+            shape = () if name == "step" else p.shape
+            if not isinstance(t, Tensor) or t.dtype != dtype or t.shape != shape or t.device != p.device:
                 got = f"{t.dtype}, shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(t)
                 raise error(
-                    f"{what}: state '{name}' is {got}; expected {dtype}, shape {shape} on {p.device}"
+                    f"{what()}: state '{name}' is {got}; expected {dtype}, shape {tuple(shape)} on {p.device}"
                 )
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
@@ -354,8 +360,8 @@ class FusedOptimizer(Optimizer):
             if step is not None and step.is_floating_point():
                 tensors["step"] = step.to(torch.int64)
             tensors = {k: v.to(device=p.device, copy=True) for k, v in tensors.items()}
-            what = f"{name}.load_state_dict: parameter {key} ({self._param_label(groups[gi], gi, i, p)})"
-            self._check_state(groups[gi], what, p, tensors, ValueError)
+            label = f"{name}.load_state_dict: parameter {key} ({self._param_label(groups[gi], gi, i, p)})"
+            self._check_state(groups[gi], lambda: label, p, tensors, ValueError)
             kept[key] = tensors
         super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped})
         for key, tensors in kept.items():

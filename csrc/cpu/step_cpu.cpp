@@ -10,11 +10,29 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
+// The element loop of one chunk. Everything arrives by value and the arrays are __restrict, so
+// the compiler knows the stores (an int8 extra-bits store may alias anything) cannot change the
+// scalars or pointers, and vectorizes the branch-free element function, one element per lane.
+template <class Rule, class P, class S>
+void run_chunk(const typename Rule::Scalars sc, const uint64_t stream, int64_t begin, int64_t end,
+               typename P::storage* __restrict w, const typename P::storage* __restrict g,
+               typename P::extra_storage* __restrict ext, typename S::storage* __restrict s0,
+               typename S::storage* __restrict s1) {
+  constexpr int kS = Rule::kStates;
+  typename S::storage unused{};
+#pragma omp simd
+  for (int64_t k = begin; k < end; ++k) {
+    int32_t e = P::K > 0 ? static_cast<int32_t>(ext[k]) : 0;
+    fw::update_element<Rule, P, S>(sc, stream, static_cast<uint64_t>(k), w[k], e, g[k], kS > 0 ? s0[k] : unused,
+                                   kS > 1 ? s1[k] : unused);
+    if (P::K > 0) ext[k] = static_cast<typename P::extra_storage>(e);
+  }
+}
+
 template <class Rule, class P, class S>
 void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   using PS = typename P::storage;
   using SS = typename S::storage;
-  using ExtT = typename P::extra_storage;
   constexpr int kS = Rule::kStates;
   const float lr = L.lr_tensor ? L.lr_tensor->data_ptr<float>()[0] : static_cast<float>(L.lr);
   const uint64_t seed = static_cast<uint64_t>(L.seed);
@@ -26,19 +44,11 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     const uint64_t stream = fw::stream_key(seed, static_cast<uint32_t>(L.tensor_ids[i]), static_cast<uint64_t>(step));
     PS* w = static_cast<PS*>(L.params[i].data_ptr());
     const PS* g = static_cast<const PS*>(L.grads[i].data_ptr());
-    ExtT* ext = P::K > 0 ? static_cast<ExtT*>(L.extras[i].data_ptr()) : nullptr;
+    auto* ext = P::K > 0 ? static_cast<typename P::extra_storage*>(L.extras[i].data_ptr()) : nullptr;
     SS* s0 = kS > 0 ? static_cast<SS*>(L.states[0][i].data_ptr()) : nullptr;
     SS* s1 = kS > 1 ? static_cast<SS*>(L.states[1][i].data_ptr()) : nullptr;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      SS unused = SS();
-      // The element function is branch-free so this loop vectorizes (one element per lane).
-#pragma omp simd
-      for (int64_t k = begin; k < end; ++k) {
-        int32_t e = P::K > 0 ? static_cast<int32_t>(ext[k]) : 0;
-        fw::update_element<Rule, P, S>(sc, stream, static_cast<uint64_t>(k), w[k], e, g[k], kS > 0 ? s0[k] : unused,
-                                       kS > 1 ? s1[k] : unused);
-        if (P::K > 0) ext[k] = static_cast<ExtT>(e);
-      }
+      run_chunk<Rule, P, S>(sc, stream, begin, end, w, g, ext, s0, s1);
     });
   }
 }

@@ -51,14 +51,15 @@ FW_HD uint32_t encode_magnitude(uint32_t abs_bits, uint32_t rnd) {
   constexpr int kBias = (1 << (EB - 1)) - 1;
   constexpr int kEmin = 1 - kBias;
   constexpr uint32_t kInf = ((1u << EB) - 1u) << N;
-  const uint32_t nonfinite = abs_bits == 0x7F800000u ? kInf : (kInf | (1u << (N - 1)));
+  constexpr uint32_t kNaN = kInf | (1u << (N - 1));
   if (EB == 8) {
     // fp32's own exponent range: the pattern is fp32's with 23 - N bits dropped, subnormals
-    // included. Same result as the general path below, in 32-bit arithmetic.
+    // included; same result as the general path below, in 32-bit arithmetic. A finite input
+    // rounds at most to the infinity pattern (abs_bits < kInf << kDrop and the added bits are
+    // below 2^kDrop), and infinity stays itself, so only NaN needs a select.
     constexpr int kDrop = 23 - N;
     const uint32_t rounded = kDrop == 0 ? abs_bits : (abs_bits + (rnd >> ((32 - kDrop) & 31))) >> kDrop;
-    const uint32_t finite = rounded >= kInf ? kInf : rounded;
-    return abs_bits >= 0x7F800000u ? nonfinite : finite;
+    return abs_bits > 0x7F800000u ? kNaN : rounded;
   }
   const int E = static_cast<int>(abs_bits >> 23);
   const uint32_t f = abs_bits & 0x7FFFFFu;
@@ -78,6 +79,7 @@ FW_HD uint32_t encode_magnitude(uint32_t abs_bits, uint32_t rnd) {
   const uint32_t r = s <= 31 ? r_near : r_far;
   const uint64_t x = (static_cast<uint64_t>(base) << N) + r;
   const uint32_t finite = x >= kInf ? kInf : static_cast<uint32_t>(x);
+  const uint32_t nonfinite = abs_bits == 0x7F800000u ? kInf : kNaN;
   return abs_bits >= 0x7F800000u ? nonfinite : finite;
 }
 

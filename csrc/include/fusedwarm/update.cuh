@@ -68,9 +68,13 @@ FW_HD float xor_sign(float x, uint32_t flip) { return bits_float(float_bits(x) ^
 
 // ---- rules ----------------------------------------------------------------------------
 
-// AdamW (Loshchilov & Hutter 2019) in torch.optim.AdamW's form: decoupled decay, then
+// AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's semantics: decoupled decay, then
 //   m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2,
 //   p = p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+// The last line is evaluated in the equivalent one-division form of Kingma & Ba (2015, Sec. 2):
+//   p = p - a_t * m / (sqrt(v) + eps_t),  a_t = lr sqrt(1 - b2^t) / (1 - b1^t),
+//   eps_t = eps sqrt(1 - b2^t),
+// with a_t and eps_t computed once per tensor: one division per element instead of two.
 struct AdamW {
   static constexpr int kStates = 2;
   // 1 - beta comes from the host, computed in double and rounded once, as torch.optim does:
@@ -81,7 +85,7 @@ struct AdamW {
     bool maximize;
   };
   struct Scalars {
-    float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps;
+    float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, eps;
     uint32_t flip;  // sign bit to xor into the gradient (maximize)
   };
   template <class M>
@@ -92,9 +96,9 @@ struct AdamW {
     s.one_minus_beta1 = h.one_minus_beta1;
     s.beta2 = h.beta2;
     s.one_minus_beta2 = h.one_minus_beta2;
-    s.step_size = M::div(lr, M::sub(1.0f, powi<M>(h.beta1, step)));
-    s.bc2_sqrt = M::sqrt(M::sub(1.0f, powi<M>(h.beta2, step)));
-    s.eps = h.eps;
+    const float bc2_sqrt = M::sqrt(M::sub(1.0f, powi<M>(h.beta2, step)));
+    s.step_size = M::div(M::mul(lr, bc2_sqrt), M::sub(1.0f, powi<M>(h.beta1, step)));
+    s.eps = M::mul(h.eps, bc2_sqrt);
     s.flip = sign_flip(h.maximize);
     return s;
   }
@@ -104,8 +108,7 @@ struct AdamW {
     p = M::mul(p, s.decay);
     m = M::add(M::mul(s.beta1, m), M::mul(s.one_minus_beta1, g));
     v = M::add(M::mul(s.beta2, v), M::mul(s.one_minus_beta2, M::mul(g, g)));
-    const float denom = M::add(M::div(M::sqrt(v), s.bc2_sqrt), s.eps);
-    p = M::sub(p, M::mul(s.step_size, M::div(m, denom)));
+    p = M::sub(p, M::mul(s.step_size, M::div(m, M::add(M::sqrt(v), s.eps))));
   }
 };
 
