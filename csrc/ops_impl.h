@@ -1,7 +1,7 @@
 // The operator implementations, generic over a backend (CPU or CUDA). A backend provides
 //   template <class Rule> static void run(const StepLists&, const typename Rule::Hyper&);
-// and `decode_master` for master_weight. Everything else (argument packing, checks,
-// hyperparameter conversion) is shared here so both dispatch keys behave identically.
+// Everything else (argument packing, checks, hyperparameter conversion) is shared here so both
+// dispatch keys behave identically.
 #pragma once
 #include "step_args.h"
 

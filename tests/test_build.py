@@ -114,7 +114,7 @@ def test_missing_compiler_is_named(tmp_path):
 def test_setup_py_installs_package_with_sources(tmp_path):
     target = tmp_path / "site"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
          str(target), str(ROOT)],
         capture_output=True, text=True, timeout=600,
     )
