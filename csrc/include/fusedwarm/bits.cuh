@@ -84,23 +84,23 @@ FW_HD uint32_t encode_magnitude(uint32_t abs_bits, uint32_t rnd) {
 }
 
 // Value of a magnitude pattern with EB exponent bits and N <= 23 mantissa bits, as fp32 (exact).
+// The pattern shifted into fp32's bit positions is the value scaled by 2^(bias - 127) (for a
+// zero exponent field, an fp32 subnormal with the same scaling), so one multiply by a power of
+// two, exact for these operands, rebiases it; only infinity and NaN need a select.
 template <int EB, int N>
 FW_HD float decode_magnitude(uint32_t x) {
   constexpr int kBias = (1 << (EB - 1)) - 1;
   constexpr uint32_t kExpMax = (1u << EB) - 1u;
-  if (EB == 8) return bits_float(x << (23 - N));
-  const uint32_t te = x >> N;
-  const uint32_t frac = x & ((1u << N) - 1u);
-  // Subnormal: frac * 2^(1 - bias - N), an integer below 2^24 times a normal power of two; exact.
-  const float scale = bits_float(static_cast<uint32_t>(127 + 1 - kBias - N) << 23);
+  const float shifted = bits_float(x << (23 - N));
+  if (EB == 8) return shifted;
+  const float scale = bits_float(static_cast<uint32_t>(127 + 127 - kBias) << 23);
 #if defined(__CUDA_ARCH__)
-  const float subnormal = __fmul_rn(static_cast<float>(frac), scale);
+  const float value = __fmul_rn(shifted, scale);
 #else
-  const float subnormal = static_cast<float>(frac) * scale;
+  const float value = shifted * scale;
 #endif
-  const float normal = bits_float(((te - kBias + 127u) << 23) | (frac << (23 - N)));
-  const float special = bits_float(frac ? 0x7FC00000u : 0x7F800000u);
-  return te == kExpMax ? special : (te == 0 ? subnormal : normal);
+  const float special = bits_float((x & ((1u << N) - 1u)) ? 0x7FC00000u : 0x7F800000u);
+  return (x >> N) == kExpMax ? special : value;
 }
 
 // fp32 -> half format F with stochastic rounding (optimizer states in bfloat16).
