@@ -6,12 +6,18 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE_PY="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$BASE_PY" -m venv --system-site-packages "$VENV"
+if [ -x "$VENV/bin/python" ] || "$BASE_PY" -m venv --system-site-packages "$VENV" >/dev/null 2>&1; then
+  PY="$VENV/bin/python"
+  export PATH="$VENV/bin:$PATH"
+  pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+else
+  # No venv module (Debian/Ubuntu without python3-venv): install into the user's site instead.
+  rm -rf "$VENV"
+  echo "fusedwarm: could not create $VENV; installing into the user site (apt-get install python3-venv avoids this)"
+  PY="$BASE_PY"
+  export PATH="$HOME/.local/bin:$PATH"
+  pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check --user "$@"; }
 fi
-PY="$VENV/bin/python"
-export PATH="$VENV/bin:$PATH"
-pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "fusedwarm: no torch found; installing torch==2.13.0 (CPU build)"
   pip_install torch==2.13.0
