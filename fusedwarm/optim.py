@@ -98,6 +98,7 @@ class FusedOptimizer(Optimizer):
 
     _op_name: str
     _hyper_names: tuple[str, ...]
+    _op_states: tuple[str, ...]  # the operator's state-list arguments, in order
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any]) -> None:
         _check_common(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
@@ -265,7 +266,7 @@ class FusedOptimizer(Optimizer):
 
     def _run(self, op, group: dict[str, Any], device: torch.device, params: list[Tensor], ids: dict[int, int]) -> None:
         states = [self._init_state(group, p) for p in params]
-        names = self._state_names(group)
+        used = self._state_names(group)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         # Parameters that are not contiguous are updated through a contiguous copy.
@@ -276,7 +277,8 @@ class FusedOptimizer(Optimizer):
             work,
             [p.grad.contiguous() for p in params],
             [s["extra"] for s in states if "extra" in s],
-            *[[s[n] for s in states] for n in names],
+            # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
+            *[[s[n] for s in states] if n in used else [] for n in self._op_states],
             steps,
             [ids[id(p)] for p in params],
             lr_tensor,
@@ -389,6 +391,7 @@ class AdamW(FusedOptimizer):
     """
 
     _op_name = "adamw_"
+    _op_states = ("exp_avg", "exp_avg_sq")
     _hyper_names = ("beta1", "beta2", "eps", "weight_decay", "maximize")
 
     def __init__(
@@ -433,6 +436,7 @@ class SGD(FusedOptimizer):
     """
 
     _op_name = "sgd_"
+    _op_states = ("momentum_buffer",)
     _hyper_names = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
 
     def __init__(
@@ -467,13 +471,6 @@ class SGD(FusedOptimizer):
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _run(self, op, group, device, params, ids) -> None:
-        if group["momentum"] == 0:
-            # The operator's momentum_buffers list is empty without momentum.
-            super()._run(lambda w, g, e, *rest: op(w, g, e, [], *rest), group, device, params, ids)
-        else:
-            super()._run(op, group, device, params, ids)
-
 
 class Lion(FusedOptimizer):
     """Lion (Chen et al. 2023, *Symbolic Discovery of Optimization Algorithms*), fused.
@@ -490,6 +487,7 @@ class Lion(FusedOptimizer):
     """
 
     _op_name = "lion_"
+    _op_states = ("exp_avg",)
     _hyper_names = ("beta1", "beta2", "weight_decay", "maximize")
 
     def __init__(
