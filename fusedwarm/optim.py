@@ -116,18 +116,15 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for i, p in enumerate(group["params"]):
+            problem = None
             if p.dtype not in PARAM_DTYPES:
+                problem = f"has dtype {p.dtype}; fusedwarm updates float32, bfloat16 and float16 parameters only"
+            elif p.layout != torch.strided:
+                problem = f"has layout {p.layout}; only dense (strided) parameters are supported"
+            if problem is not None:
                 self.param_groups.pop()
-                raise TypeError(
-                    f"{type(self).__name__}: {self._param_label(group, len(self.param_groups), i, p)} has dtype "
-                    f"{p.dtype}; fusedwarm updates float32, bfloat16 and float16 parameters only"
-                )
-            if p.is_sparse or p.layout != torch.strided:
-                self.param_groups.pop()
-                raise TypeError(
-                    f"{type(self).__name__}: {self._param_label(group, len(self.param_groups), i, p)} has layout "
-                    f"{p.layout}; only dense (strided) parameters are supported"
-                )
+                label = self._param_label(group, len(self.param_groups), i, p)
+                raise TypeError(f"{type(self).__name__}: {label} {problem}")
 
     def _check_group_options(self, group: dict[str, Any]) -> None:
         merged = {**getattr(self, "defaults", {}), **group}
@@ -180,9 +177,7 @@ class FusedOptimizer(Optimizer):
                 f"{what()} has a gradient of dtype {g.dtype}, shape {tuple(g.shape)} on {g.device}; "
                 f"expected dtype {p.dtype}, shape {tuple(p.shape)} on {p.device}"
             )
-        state = self.state.get(p)
-        if state:
-            self._check_state(group, what, p, state, RuntimeError)
+        self._check_state(group, what, p, self.state.get(p), RuntimeError)
 
     def _expected_state(self, group: dict[str, Any], p: Tensor) -> dict[str, torch.dtype]:
         """The state tensors of ``p`` under ``group``'s options, with their dtypes."""
@@ -194,7 +189,7 @@ class FusedOptimizer(Optimizer):
             expected[name] = self._state_dtype(group, p)
         return expected
 
-    def _check_state(self, group: dict[str, Any], what: Callable[[], str], p: Tensor, state: dict[str, Any],
+    def _check_state(self, group: dict[str, Any], what: Callable[[], str], p: Tensor, state: dict[str, Any] | None,
                      error: type) -> None:
         """Raises ``error`` if an existing state tensor of ``p`` has the wrong dtype, shape or device."""
         if not state:
@@ -217,15 +212,9 @@ class FusedOptimizer(Optimizer):
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
-        k = self._extra_bits(group, p)
-        if k and "extra" not in state:
-            state["extra"] = torch.zeros(p.shape, dtype=_EXTRA_DTYPE[k], device=p.device)
-        sdt = self._state_dtype(group, p)
-        for name in self._state_names(group):
+        for name, dtype in self._expected_state(group, p).items():
             if name not in state:
-                state[name] = torch.zeros(p.shape, dtype=sdt, device=p.device)
+                state[name] = torch.zeros(() if name == "step" else p.shape, dtype=dtype, device=p.device)
         return state
 
     @torch.no_grad()
@@ -243,23 +232,23 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Check every gradient before touching anything, so a bad one changes nothing.
-        work = []
+        # Check every gradient before touching anything, so a bad one changes nothing. Each
+        # group's parameters with a gradient are bucketed by (device, dtype): one call each.
+        work: list[tuple[dict[str, Any], dict[tuple[torch.device, torch.dtype], list[Tensor]]]] = []
         for gi, group in enumerate(self.param_groups):
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
                     self._check_grad(group, gi, i, p)
-                    work.append((group, p))
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            if buckets:
+                work.append((group, buckets))
         if not work:
             return loss
 
         ids = self._tensor_ids()
         op = getattr(_ops.load(), self._op_name)
-        for group in self.param_groups:
-            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for g, p in work:
-                if g is group:
-                    buckets.setdefault((p.device, p.dtype), []).append(p)
+        for group, buckets in work:
             for (device, _), params in buckets.items():
                 self._run(op, group, device, params, ids)
         return loss
