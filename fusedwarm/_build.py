@@ -166,17 +166,12 @@ def build(verbose: bool = False) -> BuildConfig | None:
     """
     global _loaded
     aot = aot_library()
-    if aot is not None:
-        with _lock:
-            if _loaded != str(aot):
-                torch.ops.load_library(str(aot))
-                _loaded = str(aot)
-        return None
-    cfg = config()
+    cfg = None if aot is not None else config()
+    library = aot if cfg is None else cfg.library
     with _lock:
-        if _loaded == cfg.name:
+        if _loaded == str(library):
             return cfg
-        if not cfg.ready:
+        if cfg is not None and not cfg.ready:
             _check_tools(cfg)
             cfg.directory.mkdir(parents=True, exist_ok=True)
             with open(cfg.directory / "build.lock", "w") as lock_file:
@@ -186,8 +181,8 @@ def build(verbose: bool = False) -> BuildConfig | None:
                         _compile(cfg, verbose)
                 finally:
                     fcntl.flock(lock_file, fcntl.LOCK_UN)
-        torch.ops.load_library(str(cfg.library))
-        _loaded = cfg.name
+        torch.ops.load_library(str(library))
+        _loaded = str(library)
     return cfg
 
 
