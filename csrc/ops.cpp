@@ -10,7 +10,8 @@ namespace fusedwarm {
 
 StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::TensorList extras,
                           std::vector<at::TensorList> states, at::TensorList steps, at::IntArrayRef tensor_ids,
-                          const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed) {
+                          const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
+                          const std::optional<at::Tensor>& grad_scales, const std::optional<at::Tensor>& nonfinite) {
   StepLists L;
   L.params = params.vec();
   L.grads = grads.vec();
@@ -19,6 +20,8 @@ StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::Tenso
   L.steps = steps.vec();
   L.tensor_ids = tensor_ids.vec();
   L.lr_tensor = lr_tensor;
+  L.grad_scales = grad_scales;
+  L.nonfinite = nonfinite;
   L.lr = lr;
   L.extra_bits = extra_bits;
   L.seed = seed;
@@ -46,6 +49,16 @@ void check_step_lists(const char* op, const StepLists& L, int num_states) {
               L.grads.size(), ", ", L.steps.size(), " and ", L.tensor_ids.size());
   TORCH_CHECK(static_cast<int>(L.states.size()) == num_states, "fusedwarm.", op, ": expected ", num_states,
               " state lists, got ", L.states.size());
+  auto check_per_tensor = [&](const std::optional<at::Tensor>& t, const char* name, at::ScalarType dtype) {
+    if (!t) return;
+    TORCH_CHECK(t->scalar_type() == dtype && t->dim() == 1 && t->numel() == static_cast<int64_t>(n) &&
+                    t->is_contiguous() && (n == 0 || t->device() == L.params[0].device()),
+                "fusedwarm.", op, ": ", name, " must be a contiguous ", dtype, " tensor of shape [", n, "] on ",
+                (n == 0 ? std::string("the parameters' device") : L.params[0].device().str()), ", got ",
+                t->scalar_type(), t->sizes(), " on ", t->device());
+  };
+  check_per_tensor(L.grad_scales, "grad_scales", at::kFloat);
+  check_per_tensor(L.nonfinite, "nonfinite", at::kLong);
   if (n == 0) return;
   const at::Tensor& p0 = L.params[0];
   const auto pdt = p0.scalar_type();
@@ -172,15 +185,17 @@ TORCH_LIBRARY(fusedwarm, m) {
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, "
-      "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+      "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize, Tensor? grad_scales=None, "
+      "Tensor(e!)? nonfinite=None) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] momentum_buffers, "
       "Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize) -> ()");
+      "float dampening, float weight_decay, bool nesterov, bool maximize, Tensor? grad_scales=None, "
+      "Tensor(e!)? nonfinite=None) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, Tensor[] steps, "
       "int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float beta1, float beta2, "
-      "float weight_decay, bool maximize) -> ()");
+      "float weight_decay, bool maximize, Tensor? grad_scales=None, Tensor(e!)? nonfinite=None) -> ()");
   m.def("master_weight(Tensor param, Tensor extra, int extra_bits) -> Tensor");
   m.def("philox4x32(Tensor counters, int key) -> Tensor");
 }

@@ -15,6 +15,8 @@ struct StepLists {
   std::vector<std::vector<at::Tensor>> states;  // states[j][i]: state j of tensor i
   std::vector<int64_t> tensor_ids;
   std::optional<at::Tensor> lr_tensor;
+  std::optional<at::Tensor> grad_scales;  // float32 [n]: tensor i's gradient multiplier, or none (1)
+  std::optional<at::Tensor> nonfinite;    // int64 [n]: += elements of tensor i skipped, or none
   double lr;
   int64_t extra_bits;
   int64_t seed;

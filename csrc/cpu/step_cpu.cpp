@@ -4,6 +4,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
+
 #include "chunk.h"
 
 namespace fusedwarm {
@@ -30,9 +32,13 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     auto* ext = P::K > 0 ? static_cast<typename P::extra_storage*>(L.extras[i].data_ptr()) : nullptr;
     SS* s0 = kS > 0 ? static_cast<SS*>(L.states[0][i].data_ptr()) : nullptr;
     SS* s1 = kS > 1 ? static_cast<SS*>(L.states[1][i].data_ptr()) : nullptr;
+    const float grad_scale = L.grad_scales ? L.grad_scales->data_ptr<float>()[i] : 1.0f;
+    std::atomic<int64_t> skipped{0};
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      run_chunk<Rule, P, S>(sc, stream, begin, end, w, g, ext, s0, s1);
+      const int64_t k = run_chunk<Rule, P, S>(sc, stream, grad_scale, begin, end, w, g, ext, s0, s1);
+      if (k != 0) skipped.fetch_add(k, std::memory_order_relaxed);
     });
+    if (L.nonfinite) L.nonfinite->data_ptr<int64_t>()[i] += skipped.load();
   }
 }
 

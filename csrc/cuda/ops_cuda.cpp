@@ -48,6 +48,8 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     t.extra = P::K > 0 ? L.extras[i].data_ptr() : nullptr;
     for (int j = 0; j < Rule::kStates; ++j) t.state[j] = L.states[j][i].data_ptr();
     t.step = L.steps[i].const_data_ptr<int64_t>();
+    t.grad_scale = L.grad_scales ? L.grad_scales->const_data_ptr<float>() + i : nullptr;
+    t.nonfinite = L.nonfinite ? L.nonfinite->data_ptr<int64_t>() + i : nullptr;
     t.numel = numel;
     t.first_tile = num_tiles;
     t.tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);

@@ -55,6 +55,7 @@ struct SlotUpdate {
   St* state1;
   int64_t numel;
   uint64_t stream;
+  float grad_scale;
   typename Rule::Scalars scalars;
 
   // Exactly the CPU backend's per-tensor values: scalars from the signed step, the random stream
@@ -65,27 +66,31 @@ struct SlotUpdate {
         extra(static_cast<Ext*>(t.extra)),
         state0(static_cast<St*>(t.state[0])),
         state1(static_cast<St*>(t.state[1])),
-        numel(t.numel) {
+        numel(t.numel),
+        grad_scale(t.grad_scale != nullptr ? *t.grad_scale : 1.0f) {
     const int64_t step = *t.step;
     stream = fw::stream_key(seed, t.tensor_id, static_cast<uint64_t>(step));
     scalars = Rule::template scalars<fw::Ieee>(hyper, lr, step);
   }
 
-  __device__ __forceinline__ void one(int64_t k) const {
+  // Each of these returns the number of elements it skipped for a non-finite gradient.
+  __device__ __forceinline__ int one(int64_t k) const {
     int32_t e = 0;
     if constexpr (kExtra) e = extra[k];
     St s0{}, s1{};
     if constexpr (kStates > 0) s0 = state0[k];
     if constexpr (kStates > 1) s1 = state1[k];
-    fw::update_element<Rule, P, S>(scalars, stream, static_cast<uint64_t>(k), param[k], e, grad[k], s0, s1);
+    const bool ok = fw::update_element<Rule, P, S>(scalars, stream, static_cast<uint64_t>(k), param[k], e, grad[k],
+                                                   grad_scale, s0, s1);
     if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
     if constexpr (kStates > 0) state0[k] = s0;
     if constexpr (kStates > 1) state1[k] = s1;
+    return ok ? 0 : 1;
   }
 
   // Elements k0 .. k0 + kPack - 1, all in range, every pointer 16-byte aligned. Elements whose
   // gradient is not finite are written back unchanged.
-  __device__ __forceinline__ void pack(int64_t k0) const {
+  __device__ __forceinline__ int pack(int64_t k0) const {
     Pack<W> w, g;
     Pack<Ext> x;
     Pack<St> s0, s1;
@@ -94,37 +99,42 @@ struct SlotUpdate {
     if constexpr (kExtra) load_pack(x, extra + k0);
     if constexpr (kStates > 0) load_pack(s0, state0 + k0);
     if constexpr (kStates > 1) load_pack(s1, state1 + k0);
+    int skipped = 0;
 #pragma unroll
     for (int i = 0; i < kPack; ++i) {
       int32_t e = 0;
       if constexpr (kExtra) e = x.v[i];
-      fw::update_element<Rule, P, S>(scalars, stream, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i], s0.v[i],
-                                     s1.v[i]);
+      const bool ok = fw::update_element<Rule, P, S>(scalars, stream, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i],
+                                                     grad_scale, s0.v[i], s1.v[i]);
       if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
+      skipped += ok ? 0 : 1;
     }
     store_pack(param + k0, w);
     if constexpr (kExtra) store_pack(extra + k0, x);
     if constexpr (kStates > 0) store_pack(state0 + k0, s0);
     if constexpr (kStates > 1) store_pack(state1 + k0, s1);
+    return skipped;
   }
 
   // The kTile elements from `base`. Vectorized: thread t takes the pack at base + kPack t (the
   // one pack that crosses the end of the tensor goes element by element). Otherwise thread t
   // takes base + t + kThreads j, so that the scalar accesses of a warp stay coalesced.
-  __device__ __forceinline__ void tile(int64_t base, bool vectorized) const {
+  __device__ __forceinline__ int tile(int64_t base, bool vectorized) const {
+    int skipped = 0;
     if (vectorized) {
       const int64_t k0 = base + static_cast<int64_t>(threadIdx.x) * kPack;
       if (k0 + kPack <= numel) {
-        pack(k0);
+        skipped = pack(k0);
       } else {
-        for (int64_t k = k0; k < numel; ++k) one(k);
+        for (int64_t k = k0; k < numel; ++k) skipped += one(k);
       }
     } else {
       for (int j = 0; j < kPack; ++j) {
         const int64_t k = base + static_cast<int64_t>(j) * kThreads + threadIdx.x;
-        if (k < numel) one(k);
+        if (k < numel) skipped += one(k);
       }
     }
+    return skipped;
   }
 };
 
@@ -160,7 +170,12 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, cons
     const SlotUpdate<Rule, P, S> u(t, hyper, lr, a.seed);
     const int64_t slot_end = t.first_tile + tiles_of(t.numel);
     const int64_t stop = slot_end < end ? slot_end : end;
-    for (; tile < stop; ++tile) u.tile((tile - t.first_tile) * kTile, t.vectorized != 0);
+    int skipped = 0;
+    for (; tile < stop; ++tile) skipped += u.tile((tile - t.first_tile) * kTile, t.vectorized != 0);
+    // Non-finite gradients are rare: an atomic only from a thread that skipped something.
+    if (skipped != 0 && t.nonfinite != nullptr) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(t.nonfinite), static_cast<unsigned long long>(skipped));
+    }
   }
 }
 

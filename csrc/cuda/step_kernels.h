@@ -29,12 +29,14 @@ struct TensorSlot {
   void* extra;           // extra bits (int8 for K = 8, int16 for K = 16), nullptr for K = 0
   void* state[2];        // the rule's states in order; entries past Rule::kStates are nullptr
   const int64_t* step;   // the tensor's step counter (already incremented for this step)
+  const float* grad_scale;  // the gradient's multiplier, or nullptr for 1
+  int64_t* nonfinite;    // += elements skipped for a non-finite gradient, or nullptr
   int64_t numel;         // > 0: empty tensors get no slot
   int64_t first_tile;    // number of tiles in all earlier slots of the launch
   uint32_t tensor_id;
   uint32_t vectorized;   // 1 when every pointer above is kVectorAlign-aligned
 };
-static_assert(sizeof(TensorSlot) == 72 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by g++ and nvcc");
+static_assert(sizeof(TensorSlot) == 88 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by g++ and nvcc");
 
 FW_HD int64_t tiles_of(int64_t numel) { return (numel + kTile - 1) / kTile; }
 

@@ -206,17 +206,20 @@ struct Lion {
 // ---- one element -----------------------------------------------------------------------------
 
 // Updates one element in place. `e` is the extra-bits value (ignored for ParamF32 and K = 0),
-// `s0`, `s1` the rule's raw states (those past Rule::kStates are ignored; at most 2). An element
-// whose gradient is not finite is left untouched (weight, extra bits and states), so a single
-// overflow never corrupts a weight. `stream` is stream_key(seed, tensor, step) (philox.cuh);
+// `s0`, `s1` the rule's raw states (those past Rule::kStates are ignored; at most 2). The
+// gradient is multiplied by `grad_scale` first (1 when the caller scales nothing; a loss scale's
+// inverse, a clipping coefficient). An element whose scaled gradient is not finite is left
+// untouched (weight, extra bits and states), so a single overflow never corrupts a weight; the
+// return value is true when the element was updated, for the backends to count skips. `stream` is stream_key(seed, tensor, step) (philox.cuh);
 // the element's random words round the master (if lossy) and then the states, in that order.
 // Everything is computed unconditionally and selected at the end (no early return, no arrays),
 // so that the CPU loop vectorizes.
 template <class Rule, class P, class S, class M = Ieee>
-FW_HD void update_element(const typename Rule::Scalars& sc, uint64_t stream, uint64_t index, typename P::storage& w,
-                          int32_t& e, typename P::storage g, typename S::storage& s0, typename S::storage& s1) {
+FW_HD bool update_element(const typename Rule::Scalars& sc, uint64_t stream, uint64_t index, typename P::storage& w,
+                          int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
+                          typename S::storage& s1) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
-  const float gf = P::grad(g);
+  const float gf = M::mul(P::grad(g), grad_scale);
   const bool ok = is_finite(gf);
   float p = P::load(w, e);
   float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
@@ -235,6 +238,7 @@ FW_HD void update_element(const typename Rule::Scalars& sc, uint64_t stream, uin
   e = ok ? e_new : e;
   if (Rule::kStates > 0) s0 = ok ? S::store(f0, rs[kWeightWords]) : s0;
   if (Rule::kStates > 1) s1 = ok ? S::store(f1, rs[kWeightWords + 1]) : s1;
+  return ok;
 }
 
 }  // namespace fw
