@@ -30,8 +30,10 @@ left exactly as they were.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -84,6 +86,70 @@ def _check_common(extra_bits: Any, state_dtype: Any, seed: Any) -> None:
         raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**63))")
 
 
+CLIP_MODES = ("global", "tensor", "lagged")
+_DYNAMIC_INIT_SCALE = 2.0**16  # torch.amp.GradScaler's defaults
+_DYNAMIC_INTERVAL = 2000
+_CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
+def _check_driver(backward_step: Any, bucket_cap_mb: Any, max_grad_norm: Any, clip: Any, loss_scale: Any) -> None:
+    if not isinstance(backward_step, bool):
+        raise ValueError(f"Invalid backward_step: {backward_step!r} (expected True or False)")
+    if not isinstance(bucket_cap_mb, (int, float)) or isinstance(bucket_cap_mb, bool) or not bucket_cap_mb > 0:
+        raise ValueError(f"Invalid bucket_cap_mb: {bucket_cap_mb!r} (expected a number > 0)")
+    if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float)) or isinstance(max_grad_norm, bool)
+                                      or not 0 < max_grad_norm < math.inf):
+        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected None or a finite number > 0)")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"Invalid clip: {clip!r} (expected one of {CLIP_MODES})")
+    if backward_step and max_grad_norm is not None and clip == "global":
+        raise ValueError(
+            "clip='global' (exact global-norm clipping) needs every gradient before any update, but "
+            "backward_step=True updates each parameter as soon as its gradient is ready. Options: "
+            "clip='tensor' clips each tensor by its own norm (exact, local); clip='lagged' scales the "
+            "gradients by the coefficient of the previous iteration's global norm (summed on the device "
+            "during backward, no host sync); or backward_step=False for exact global clipping"
+        )
+    if loss_scale is not None and loss_scale != "dynamic" and (
+            not isinstance(loss_scale, (int, float)) or isinstance(loss_scale, bool) or not 0 < loss_scale < math.inf):
+        raise ValueError(f"Invalid loss_scale: {loss_scale!r} (expected None, 'dynamic' or a finite number > 0)")
+
+
+def _clip_coefficient(max_norm: float, norm: Tensor) -> Tensor:
+    """min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_, 1 where norm is not finite."""
+    coef = (max_norm / (norm + _CLIP_EPS)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(p, DTensor)
+
+
+# Parameters updated in the backward pass, and by which optimizer: id(p) -> (weakref to p,
+# weakref to the optimizer). A second optimizer over such a parameter would update it twice.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _owner(p: Tensor) -> Any:
+    entry = _OWNERS.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    return entry[1]()
+
+
+def _claim(p: Tensor, opt: Any) -> None:
+    _OWNERS[id(p)] = (weakref.ref(p, lambda _, key=id(p): _OWNERS.pop(key, None)), weakref.ref(opt))
+
+
+def _release(p: Tensor, opt: Any) -> None:
+    if _owner(p) is opt:
+        del _OWNERS[id(p)]
+
+
 def _default_seed() -> int:
     """A seed drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -93,19 +159,90 @@ class FusedOptimizer(Optimizer):
     """Shared machinery of the fused optimizers; use :class:`AdamW`, :class:`SGD` or :class:`Lion`.
 
     Subclasses name their operator, the state tensors it updates and the hyperparameters it
-    takes from each param group.
+    takes from each param group. This class holds what every optimizer shares: the checks, the
+    step in the backward pass (``backward_step``), gradient clipping, loss scaling and the record
+    of skipped non-finite gradient elements; see :class:`AdamW` for the arguments.
     """
 
     _op_name: str
     _hyper_names: tuple[str, ...]
     _op_states: tuple[str, ...]  # the operator's state-list arguments, in order
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *,
+                 backward_step: bool = False, bucket_cap_mb: float = 25.0, max_grad_norm: float | None = None,
+                 clip: str = "global", loss_scale: float | str | None = None) -> None:
         _check_common(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
+        _check_driver(backward_step, bucket_cap_mb, max_grad_norm, clip, loss_scale)
         if defaults["seed"] is None:
             defaults["seed"] = _default_seed()
+        self._options = dict(backward_step=backward_step, bucket_cap_mb=bucket_cap_mb, max_grad_norm=max_grad_norm,
+                             clip=clip, loss_scale=loss_scale)
+        self._reset_runtime()
         super().__init__(params, defaults)
         _ops.load()
+        self._init_scalars()
+        if backward_step:
+            self._attach_hooks()
+
+    def _reset_runtime(self) -> None:
+        """Per-process bookkeeping that is never saved: hooks, pending buckets, this iteration."""
+        self._hooks: dict[int, Any] = {}            # id(p) -> hook handle
+        self._pending: dict[tuple, list[Tensor]] = {}  # (group index, device, dtype) -> ready parameters
+        self._pending_bytes: dict[tuple, int] = {}
+        self._updated: dict[int, Tensor] = {}       # parameters updated in the open iteration
+        self._skips: list[tuple[list[Tensor], Tensor]] = []  # (parameters, skipped elements) per launch
+        self._multipliers: dict[torch.device, Tensor | None] = {}
+        self._sq_norm: Tensor | None = None        # sum of squared gradient norms of the open iteration
+        self._iteration_open = False
+        self._accumulating = 0
+        self._queued_task: int | None = None
+        self._index: dict[int, tuple[int, int]] = {}  # id(p) -> (group index, index in group)
+        self._claimed: dict[int, Tensor] = {}
+        self._attached = False
+
+    def _init_scalars(self) -> None:
+        """Device scalars carried between iterations (and saved): loss scale and lagged clip coefficient."""
+        device = self._main_device()
+        scale = self._options["loss_scale"]
+        self._scale = None
+        self._growth_tracker = None
+        if scale is not None:
+            start = _DYNAMIC_INIT_SCALE if scale == "dynamic" else float(scale)
+            self._scale = torch.full((), start, dtype=torch.float32, device=device)
+            self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self._clip_coef = torch.ones((), dtype=torch.float32, device=device)
+        self._last_grad_norm = torch.full((), float("nan"), dtype=torch.float32, device=device)
+
+    def _main_device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    # ---- options ------------------------------------------------------------------------------
+
+    @property
+    def backward_step(self) -> bool:
+        """Whether parameters are updated inside the backward pass (see :meth:`close`)."""
+        return self._options["backward_step"]
+
+    @property
+    def loss_scale(self) -> Tensor | None:
+        """The current loss scale as a 0-d float32 device tensor (``None`` without ``loss_scale``).
+
+        Multiply the loss by it before ``backward()``; the update divides the gradients by it.
+        With ``loss_scale="dynamic"`` it halves after an iteration with non-finite gradients and
+        doubles after 2000 clean iterations, on the device (``torch.amp.GradScaler``'s rule).
+        """
+        return self._scale
+
+    def last_grad_norm(self) -> Tensor:
+        """The global gradient norm of the last iteration, a 0-d float32 device tensor (no sync).
+
+        Computed when ``max_grad_norm`` is set (``nan`` otherwise); it is the norm of the unscaled
+        gradients, with non-finite tensors giving ``inf`` or ``nan``.
+        """
+        return self._last_grad_norm
 
     # ---- parameters -------------------------------------------------------------------------
 
@@ -114,17 +251,31 @@ class FusedOptimizer(Optimizer):
         if isinstance(param_group, dict):
             self._check_group_options(param_group)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
         for i, p in enumerate(group["params"]):
             problem = None
             if p.dtype not in PARAM_DTYPES:
                 problem = f"has dtype {p.dtype}; fusedwarm updates float32, bfloat16 and float16 parameters only"
             elif p.layout != torch.strided:
                 problem = f"has layout {p.layout}; only dense (strided) parameters are supported"
+            elif _is_dtensor(p):
+                problem = ("is a DTensor (FSDP2 or tensor parallel); fusedwarm does not support sharded "
+                           "parameters yet: use torch.nn.parallel.DistributedDataParallel")
+            else:
+                owner = _owner(p)
+                if owner is not None and owner is not self:
+                    problem = (f"is already updated in the backward pass by another {type(owner).__name__} "
+                               f"(backward_step=True); a second optimizer would update it twice. Call close() "
+                               f"on the other optimizer first")
             if problem is not None:
                 self.param_groups.pop()
-                label = self._param_label(group, len(self.param_groups), i, p)
+                label = self._param_label(group, gi, i, p)
                 raise TypeError(f"{type(self).__name__}: {label} {problem}")
+        for i, p in enumerate(group["params"]):
+            self._index.setdefault(id(p), (gi, i))
+        if self._attached:
+            self._attach_hooks()
 
     def _check_group_options(self, group: dict[str, Any]) -> None:
         merged = {**getattr(self, "defaults", {}), **group}
@@ -140,6 +291,10 @@ class FusedOptimizer(Optimizer):
         name = f"'{names[index]}' " if names else ""
         return f"parameter {name}(group {group_index}, index {index}, shape {tuple(p.shape)}, dtype {p.dtype})"
 
+    def _label(self, p: Tensor) -> str:
+        gi, i = self._index[id(p)]
+        return self._param_label(self.param_groups[gi], gi, i, p)
+
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError
 
@@ -152,19 +307,14 @@ class FusedOptimizer(Optimizer):
     def _extra_bits(group: dict[str, Any], p: Tensor) -> int:
         return 0 if p.dtype == torch.float32 else group["extra_bits"]
 
-    def _tensor_ids(self) -> dict[int, int]:
-        """Index of each parameter in the optimizer (all groups, in order): its random-stream key."""
-        ids: dict[int, int] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                ids.setdefault(id(p), len(ids))
-        return ids
+    def _tensor_id(self, p: Tensor) -> int:
+        """Index of ``p`` in the optimizer (all groups, in order): its random-stream key."""
+        gi, i = self._index[id(p)]
+        return sum(len(g["params"]) for g in self.param_groups[:gi]) + i
 
-    # ---- step -------------------------------------------------------------------------------
+    # ---- checks -------------------------------------------------------------------------------
 
-    def _check_grad(self, group: dict[str, Any], gi: int, i: int, p: Tensor) -> None:
-        g = p.grad
-
+    def _check_grad(self, group: dict[str, Any], gi: int, i: int, p: Tensor, g: Tensor) -> None:
         def what() -> str:  # built only for an error message: step() checks every parameter
             return f"{type(self).__name__}: {self._param_label(group, gi, i, p)}"
 
@@ -217,9 +367,17 @@ class FusedOptimizer(Optimizer):
                 state[name] = torch.zeros(() if name == "step" else p.shape, dtype=dtype, device=p.device)
         return state
 
+    # ---- step ---------------------------------------------------------------------------------
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Performs one optimization step.
+        """Performs one optimization step, or with ``backward_step=True`` ends the iteration.
+
+        In backward-step mode the parameters were already updated during ``backward()``; this
+        call updates any parameter that still holds a gradient (e.g. one accumulated under
+        :meth:`accumulate`), frees the gradients, and closes the iteration: the lagged clipping
+        coefficient and the dynamic loss scale are updated on the device, and the next backward
+        may update every parameter again.
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
@@ -231,29 +389,105 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._flush_all()
 
         # Check every gradient before touching anything, so a bad one changes nothing. Each
         # group's parameters with a gradient are bucketed by (device, dtype): one call each.
-        work: list[tuple[dict[str, Any], dict[tuple[torch.device, torch.dtype], list[Tensor]]]] = []
+        work: list[tuple[int, dict[tuple[torch.device, torch.dtype], list[Tensor]]]] = []
         for gi, group in enumerate(self.param_groups):
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    self._check_grad(group, gi, i, p)
+                if p.grad is not None and id(p) not in self._updated:
+                    self._check_grad(group, gi, i, p, p.grad)
                     buckets.setdefault((p.device, p.dtype), []).append(p)
             if buckets:
-                work.append((group, buckets))
-        if not work:
-            return loss
-
-        ids = self._tensor_ids()
-        op = getattr(_ops.load(), self._op_name)
-        for group, buckets in work:
-            for (device, _), params in buckets.items():
-                self._run(op, group, device, params, ids)
+                work.append((gi, buckets))
+        if work:
+            self._begin_iteration()
+            if self._options["max_grad_norm"] is not None and self._options["clip"] == "global":
+                self._global_clip([p for _, buckets in work for params in buckets.values() for p in params])
+            for gi, buckets in work:
+                for params in buckets.values():
+                    self._launch(gi, params, [p.grad for p in params])
+                    for p in params:
+                        self._updated[id(p)] = p
+        if self.backward_step:
+            for p in self._updated.values():
+                p.grad = None
+        self._end_iteration()
         return loss
 
-    def _run(self, op, group: dict[str, Any], device: torch.device, params: list[Tensor], ids: dict[int, int]) -> None:
+    def _begin_iteration(self) -> None:
+        if self._iteration_open:
+            return
+        self._iteration_open = True
+        self._skips = []
+        self._multipliers = {}
+        self._sq_norm = None
+
+    def _end_iteration(self) -> None:
+        """Closes the iteration: loss-scale and lagged-clipping updates, all on the device."""
+        if not self._iteration_open:
+            return
+        self._iteration_open = False
+        self._updated = {}
+        if self._scale is not None and self._options["loss_scale"] == "dynamic":
+            found_inf = (self.nonfinite_count() > 0).to(torch.float32)
+            torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, 2.0, 0.5, _DYNAMIC_INTERVAL)
+        if self._sq_norm is not None:
+            norm = self._sq_norm.sqrt()
+            self._last_grad_norm = norm
+            if self._options["clip"] == "lagged":
+                # A non-finite norm (skipped elements) keeps the previous coefficient.
+                coef = _clip_coefficient(self._options["max_grad_norm"], norm)
+                self._clip_coef = torch.where(torch.isfinite(norm), coef, self._clip_coef)
+
+    def _global_clip(self, params: list[Tensor]) -> None:
+        """Exact global-norm clipping (``clip="global"``, not in backward-step mode)."""
+        main = self._main_device()
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for p in params:
+            by_device.setdefault(p.device, []).append(p.grad)
+        squares = [torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum().to(main)
+                   for grads in by_device.values()]
+        norm = torch.stack(squares).sum().sqrt()
+        if self._scale is not None:
+            norm = norm / self._scale
+        self._last_grad_norm = norm
+        self._clip_coef = _clip_coefficient(self._options["max_grad_norm"], norm)
+
+    def _multiplier(self, device: torch.device) -> Tensor | None:
+        """The gradient multiplier shared by every tensor of this iteration on ``device``, or None for 1."""
+        if device not in self._multipliers:
+            m = None
+            if self._scale is not None:
+                m = self._scale.reciprocal()
+            if self._options["max_grad_norm"] is not None and self._options["clip"] in ("global", "lagged"):
+                m = self._clip_coef if m is None else m * self._clip_coef
+            self._multipliers[device] = None if m is None else m.to(device)
+        return self._multipliers[device]
+
+    def _grad_scales(self, device: torch.device, grads: list[Tensor]) -> Tensor | None:
+        """Per-tensor gradient multipliers for one launch: loss scale and clipping, on the device."""
+        m = self._multiplier(device)
+        clip = self._options["clip"] if self._options["max_grad_norm"] is not None else None
+        if clip in ("tensor", "lagged"):
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            if self._scale is not None:
+                norms = norms / self._scale.to(device)
+            sq = norms.square().sum().to(self._main_device())
+            self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+            if clip == "tensor":
+                coef = _clip_coefficient(self._options["max_grad_norm"], norms)
+                return coef if m is None else coef * m
+        if m is None:
+            return None
+        return m.expand(len(grads)).contiguous()
+
+    def _launch(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
+        """One fused call for ``params`` (one group, device and dtype) with the given gradients."""
+        group = self.param_groups[gi]
+        device = params[0].device
         states = [self._init_state(group, p) for p in params]
         used = self._state_names(group)
         steps = [s["step"] for s in states]
@@ -262,20 +496,24 @@ class FusedOptimizer(Optimizer):
         work = [p if p.is_contiguous() else p.contiguous() for p in params]
         lr = group["lr"]
         lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
-        op(
+        skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
+        getattr(_ops.load(), self._op_name)(
             work,
-            [p.grad.contiguous() for p in params],
+            [g.contiguous() for g in grads],
             [s["extra"] for s in states if "extra" in s],
             # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
             *[[s[n] for s in states] if n in used else [] for n in self._op_states],
             steps,
-            [ids[id(p)] for p in params],
+            [self._tensor_id(p) for p in params],
             lr_tensor,
             0.0 if lr_tensor is not None else float(lr),
             self._extra_bits(group, params[0]),
             group["seed"],
             *[self._hyper_value(group, n) for n in self._hyper_names],
+            grad_scales=self._grad_scales(device, grads),
+            nonfinite=skipped,
         )
+        self._skips.append((params, skipped))
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
@@ -286,6 +524,186 @@ class FusedOptimizer(Optimizer):
             return float(group["betas"][0 if name == "beta1" else 1])
         value = group[name]
         return value if isinstance(value, bool) else float(value)
+
+    # ---- non-finite gradients -----------------------------------------------------------------
+
+    def nonfinite_count(self) -> Tensor:
+        """Elements skipped for a non-finite gradient in the last iteration: a 0-d int64 device tensor.
+
+        Never synchronizes; ``bool(opt.nonfinite_count())`` does, when you want to act on it.
+        """
+        main = self._main_device()
+        if not self._skips:
+            return torch.zeros((), dtype=torch.int64, device=main)
+        return torch.stack([counts.sum().to(main) for _, counts in self._skips]).sum()
+
+    def nonfinite_params(self) -> dict[str, int]:
+        """Which parameters had elements skipped in the last iteration, and how many (synchronizes).
+
+        Returns:
+            A dict from a parameter's label (name if the group has ``param_names``, else group and
+            index) to its number of skipped elements; empty when every gradient was finite.
+        """
+        found: dict[str, int] = {}
+        for params, counts in self._skips:
+            for p, n in zip(params, counts.tolist()):
+                if n:
+                    found[self._label(p)] = n
+        return found
+
+    # ---- step in the backward pass ------------------------------------------------------------
+
+    def _attach_hooks(self) -> None:
+        """Registers a post-accumulate-grad hook on every parameter that requires a gradient."""
+        self._attached = True
+        ref = weakref.ref(self)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in self._hooks or not p.requires_grad:
+                    continue
+                _claim(p, self)
+                self._claimed[id(p)] = p
+
+                def hook(param: Tensor, ref=ref) -> None:
+                    opt = ref()
+                    if opt is not None:
+                        opt._grad_ready(param)
+
+                self._hooks[id(p)] = (p, p.register_post_accumulate_grad_hook(hook))
+
+    @torch.no_grad()
+    def _grad_ready(self, p: Tensor) -> None:
+        """Called by autograd once ``p.grad`` is complete for this backward: bucket ``p``, maybe flush."""
+        entry = self._hooks.get(id(p))
+        if entry is None or entry[0] is not p or self._accumulating:
+            return
+        if id(p) in self._updated:
+            raise RuntimeError(
+                f"{type(self).__name__}: {self._label(p)} received a second gradient in one iteration (backward ran twice, e.g. with "
+                f"retain_graph=True, without opt.step() in between). With backward_step=True, call opt.step() "
+                f"after each backward, or sum gradients over several backward passes inside opt.accumulate()"
+            )
+        gi, i = self._index[id(p)]
+        self._check_grad(self.param_groups[gi], gi, i, p, p.grad)
+        self._begin_iteration()
+        self._updated[id(p)] = p
+        task = torch._C._current_graph_task_id()
+        if task != self._queued_task:
+            self._queued_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_all)
+        key = (gi, p.device, p.dtype)
+        self._pending.setdefault(key, []).append(p)
+        self._pending_bytes[key] = self._pending_bytes.get(key, 0) + p.grad.numel() * p.grad.element_size()
+        if self._pending_bytes[key] >= self._options["bucket_cap_mb"] * 2**20:
+            self._flush(key)
+
+    def _flush(self, key: tuple) -> None:
+        params = self._pending.pop(key)
+        del self._pending_bytes[key]
+        self._launch(key[0], params, [p.grad for p in params])
+        for p in params:
+            p.grad = None
+
+    @torch.no_grad()
+    def _flush_all(self) -> None:
+        """Updates every bucket still pending (end of backward, and the start of step())."""
+        self._queued_task = None
+        for key in list(self._pending):
+            self._flush(key)
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """Keeps gradients instead of stepping, for gradient accumulation with ``backward_step=True``.
+
+        Inside the block, ``backward()`` accumulates into ``.grad`` as plain autograd does. The
+        next ``backward()`` outside the block adds its gradients and updates each parameter as
+        usual (so its result equals one step on the summed gradients); alternatively
+        :meth:`step` updates every parameter that holds a gradient. Scale each micro-batch's loss
+        (e.g. by ``1 / micro_batches``) as you would without fusedwarm.
+        """
+        self._accumulating += 1
+        try:
+            yield
+        finally:
+            self._accumulating -= 1
+
+    def close(self) -> None:
+        """Removes the backward hooks: autograd fills ``.grad`` again and :meth:`step` updates as usual.
+
+        Pending buckets are flushed first. Calling it twice, or without ``backward_step``, is harmless.
+        """
+        self._flush_all()
+        for _, handle in self._hooks.values():
+            handle.remove()
+        for p in self._claimed.values():
+            _release(p, self)
+        self._hooks = {}
+        self._claimed = {}
+        self._attached = False
+        self._options["backward_step"] = False
+
+    def register_ddp_comm_hook(self, ddp_model: torch.nn.Module) -> None:
+        """Runs the fused update on each DDP bucket right after its all-reduce.
+
+        For ``backward_step=True`` under :class:`torch.nn.parallel.DistributedDataParallel`: the
+        per-parameter hooks (which would see local, un-reduced gradients) are replaced by a DDP
+        communication hook that all-reduces a bucket, averages it, and updates the bucket's
+        parameters at once, so updates overlap the remaining communication. DDP keeps its own
+        bucket buffers (a full set of gradients), so under DDP the saving is time, not memory.
+
+        Args:
+            ddp_model: the ``DistributedDataParallel`` module wrapping this optimizer's parameters.
+        """
+        import torch.distributed as dist
+
+        if not self.backward_step:
+            raise RuntimeError(f"{type(self).__name__}.register_ddp_comm_hook needs backward_step=True")
+        for _, handle in self._hooks.values():
+            handle.remove()
+        self._hooks = {}
+        self._attached = False
+        ref = weakref.ref(self)
+
+        def comm_hook(process_group: Any, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+            group = process_group if process_group is not None else dist.group.WORLD
+            world = dist.get_world_size(group)
+            fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
+
+            def update(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
+                buffer = fut.value()[0].div_(world)
+                opt = ref()
+                if opt is not None:
+                    opt._ddp_update(bucket.parameters(), buffer)
+                return buffer
+
+            return fut.then(update)
+
+        ddp_model.register_comm_hook(None, comm_hook)
+
+    @torch.no_grad()
+    def _ddp_update(self, params: list[Tensor], buffer: Tensor) -> None:
+        """Updates one DDP bucket's parameters with their slices of the reduced flat buffer."""
+        by_group: dict[tuple[int, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        offset = 0
+        for p in params:
+            g = buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if id(p) not in self._index:
+                continue
+            if id(p) in self._updated:
+                raise RuntimeError(f"{type(self).__name__}: {self._label(p)} received a second gradient in one "
+                                   f"iteration; call opt.step() "
+                                   f"after each backward")
+            gi, i = self._index[id(p)]
+            self._check_grad(self.param_groups[gi], gi, i, p, g)
+            entry = by_group.setdefault((gi, p.dtype), ([], []))
+            entry[0].append(p)
+            entry[1].append(g)
+        self._begin_iteration()
+        for (gi, _), (ps, gs) in by_group.items():
+            self._launch(gi, ps, gs)
+            for p in ps:
+                self._updated[id(p)] = p
 
     # ---- inspection and checkpoints -----------------------------------------------------------
 
@@ -308,6 +726,39 @@ class FusedOptimizer(Optimizer):
             extra = torch.empty(0, dtype=torch.int8, device=p.device)
         return _ops.load().master_weight(p.detach().contiguous(), extra, k)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus ``"fusedwarm"``: the loss scale and lagged clipping scalars."""
+        sd = super().state_dict()
+        sd["fusedwarm"] = {k: v.clone() for k, v in self._scalars().items() if v is not None}
+        return sd
+
+    def _scalars(self) -> dict[str, Tensor | None]:
+        return {"loss_scale": self._scale, "growth_tracker": self._growth_tracker, "clip_coef": self._clip_coef,
+                "last_grad_norm": self._last_grad_norm}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_options"] = self._options
+        state.update({f"_saved_{k}": v for k, v in self._scalars().items()})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict also comes through here, with new "state" and "param_groups"
+        # only; a whole optimizer (unpickled or deep-copied) brings its options and scalars.
+        if "_options" not in state:
+            super().__setstate__(state)
+            return
+        saved = {k[len("_saved_"):]: state.pop(k) for k in list(state) if k.startswith("_saved_")}
+        super().__setstate__(state)
+        self._reset_runtime()
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                self._index.setdefault(id(p), (gi, i))
+        self._scale, self._growth_tracker = saved["loss_scale"], saved["growth_tracker"]
+        self._clip_coef, self._last_grad_norm = saved["clip_coef"], saved["last_grad_norm"]
+        if self.backward_step:
+            self._attach_hooks()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict made by :meth:`state_dict`, keeping state dtypes exactly.
 
@@ -320,6 +771,15 @@ class FusedOptimizer(Optimizer):
         converted to int64.
         """
         name = type(self).__name__
+        scalars = state_dict.get("fusedwarm", {})
+        for key, value in scalars.items():
+            current = self._scalars().get(key, ...)
+            if current is ... or not isinstance(value, Tensor) or value.shape != () or (
+                    current is not None and value.dtype != current.dtype):
+                raise ValueError(f"{name}.load_state_dict: unexpected 'fusedwarm' entry {key!r}: {value!r}")
+            if current is None:
+                raise ValueError(f"{name}.load_state_dict: the state dict has a {key!r} but this optimizer was "
+                                 f"made without it (loss_scale=None)")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -357,6 +817,8 @@ class FusedOptimizer(Optimizer):
         super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped})
         for key, tensors in kept.items():
             self.state[index_to_param[key][2]].update(tensors)
+        for key, value in scalars.items():
+            self._scalars()[key].copy_(value)
 
 
 class AdamW(FusedOptimizer):
@@ -377,6 +839,17 @@ class AdamW(FusedOptimizer):
         state_dtype: ``torch.float32``, ``torch.bfloat16`` or ``None`` (bfloat16 for half-precision
             weights, float32 for float32 weights).
         seed: key of the stochastic-rounding random stream; drawn from torch's generator if None.
+        backward_step: update each parameter inside ``backward()`` as soon as its gradient is
+            complete, then free the gradient (Lewandowski & Kosson 2023); ``step()`` then only
+            ends the iteration. See the module docstring.
+        bucket_cap_mb: with ``backward_step``, ready gradients are collected per (group, device,
+            dtype) until they hold this many MiB, then updated in one fused call.
+        max_grad_norm: clip gradients to this norm (None: no clipping).
+        clip: ``"global"`` (exact global norm, as ``torch.nn.utils.clip_grad_norm_``; not with
+            ``backward_step``), ``"tensor"`` (each tensor by its own norm) or ``"lagged"`` (the
+            global norm of the previous iteration, computed on the device).
+        loss_scale: ``None``, a constant, or ``"dynamic"``: the gradients are divided by
+            :attr:`loss_scale` inside the update (multiply the loss by it before backward).
     """
 
     _op_name = "adamw_"
@@ -395,11 +868,17 @@ class AdamW(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        backward_step: bool = False,
+        bucket_cap_mb: float = 25.0,
+        max_grad_norm: float | None = None,
+        clip: str = "global",
+        loss_scale: float | str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         extra_bits=extra_bits, state_dtype=state_dtype, seed=seed)
         self._check_hyper(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
+                         max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         _check_lr_betas(group)
@@ -421,7 +900,8 @@ class SGD(FusedOptimizer):
         weight_decay: L2 penalty added to the gradient.
         nesterov: use Nesterov momentum (needs momentum > 0 and dampening = 0).
         maximize: maximize the objective instead of minimizing it.
-        extra_bits, state_dtype, seed: see :class:`AdamW`.
+        extra_bits, state_dtype, seed, backward_step, bucket_cap_mb, max_grad_norm, clip,
+            loss_scale: see :class:`AdamW`.
     """
 
     _op_name = "sgd_"
@@ -441,12 +921,18 @@ class SGD(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        backward_step: bool = False,
+        bucket_cap_mb: float = 25.0,
+        max_grad_norm: float | None = None,
+        clip: str = "global",
+        loss_scale: float | str | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype,
                         seed=seed)
         self._check_hyper(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
+                         max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         _check_nonneg("lr", group["lr"])
@@ -472,7 +958,8 @@ class Lion(FusedOptimizer):
         betas: interpolation factor of the update direction and of the momentum average.
         weight_decay: decoupled weight decay coefficient.
         maximize: maximize the objective instead of minimizing it.
-        extra_bits, state_dtype, seed: see :class:`AdamW`.
+        extra_bits, state_dtype, seed, backward_step, bucket_cap_mb, max_grad_norm, clip,
+            loss_scale: see :class:`AdamW`.
     """
 
     _op_name = "lion_"
@@ -490,11 +977,17 @@ class Lion(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        backward_step: bool = False,
+        bucket_cap_mb: float = 25.0,
+        max_grad_norm: float | None = None,
+        clip: str = "global",
+        loss_scale: float | str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, extra_bits=extra_bits,
                         state_dtype=state_dtype, seed=seed)
         self._check_hyper(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
+                         max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         _check_lr_betas(group)
