@@ -84,6 +84,31 @@ def test_opcheck_adamw(ops, case, lr_as_tensor):
 
 
 @cases
+def test_grad_scales_multiply_the_gradient_and_nonfinite_counts_skips(ops, case):
+    """grad_scales[i] multiplies tensor i's gradient (a power of two: exactly as scaling the
+    gradient beforehand); nonfinite[i] gains the number of elements skipped in tensor i."""
+    dtype, extra_bits, state_dtype = CASES[case]
+    params, grads, extras, states, steps, ids = step_inputs(dtype, extra_bits, state_dtype, 2, seed=4)
+    grads[1].view(-1)[:3] = float("inf")
+    grads[2].view(-1)[5] = float("nan")
+    scales = torch.tensor([0.25, 4.0, 1.0])
+    counts = torch.tensor([7, 0, 0])
+    hyper = (0.9, 0.99, 1e-8, 0.1, False)
+    scaled = copy.deepcopy((params, [g * s for g, s in zip(grads, scales.tolist())], extras, *states, steps))
+    ops.adamw_(*scaled[:5], scaled[5], ids, None, 3e-2, extra_bits, 1234, *hyper)
+    args = (params, grads, extras, states[0], states[1], steps, ids, None, 3e-2, extra_bits, 1234, *hyper)
+    _check(ops.adamw_.default, copy.deepcopy(args) + (scales, counts.clone()))
+    ops.adamw_(*args, grad_scales=scales, nonfinite=counts)
+    for got, want in zip(params + states[0] + states[1], scaled[0] + scaled[3] + scaled[4]):
+        assert torch.equal(bits(got), bits(want))
+    assert counts.tolist() == [7, 3, 1]
+    with pytest.raises(RuntimeError, match=r"grad_scales must be a contiguous Float tensor of shape \[3\]"):
+        ops.adamw_(*args, grad_scales=scales[:2])
+    with pytest.raises(RuntimeError, match=r"nonfinite must be a contiguous Long tensor of shape \[3\]"):
+        ops.adamw_(*args, nonfinite=counts.int())
+
+
+@cases
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, True)], ids=["no_momentum", "nesterov"])
 def test_opcheck_sgd(ops, case, momentum, nesterov):
     dtype, extra_bits, state_dtype = CASES[case]
