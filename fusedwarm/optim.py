@@ -25,7 +25,18 @@ Philox4x32-10 keyed by ``(seed, step, tensor, element)``, so results never depen
 layout and CPU and CUDA agree bit for bit.
 
 An element whose gradient is ``inf`` or ``nan`` is skipped: its weight, extra bits and states are
-left exactly as they were.
+left exactly as they were; :meth:`FusedOptimizer.nonfinite_count` (a device tensor, no sync) and
+:meth:`FusedOptimizer.nonfinite_params` report what was skipped in the last iteration.
+
+Step in the backward pass (``backward_step=True``; Lewandowski & Kosson 2023, with
+``Tensor.register_post_accumulate_grad_hook``): each parameter's gradient, once complete for the
+backward, joins a bucket of its (group, device, dtype); a bucket is updated by one fused call when it
+holds ``bucket_cap_mb`` of gradients and at the end of ``backward()``, and its gradients are freed
+then. The result is bit-identical to ``backward_step=False`` with the same seed and gradients.
+``step()`` ends the iteration and must be called between two backward passes (a second gradient for
+an already-updated parameter raises an error rather than updating twice); ``accumulate()`` keeps
+gradients for micro-batches; ``close()`` removes the hooks. Clipping (``max_grad_norm``, ``clip``)
+and loss scaling (``loss_scale``) happen inside the fused update, on the device, without host sync.
 """
 
 from __future__ import annotations
