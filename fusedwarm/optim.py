@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -660,7 +661,9 @@ class FusedOptimizer(Optimizer):
         per-parameter hooks (which would see local, un-reduced gradients) are replaced by a DDP
         communication hook that all-reduces a bucket, averages it, and updates the bucket's
         parameters at once, so updates overlap the remaining communication. DDP keeps its own
-        bucket buffers (a full set of gradients), so under DDP the saving is time, not memory.
+        bucket buffers (a full set of gradients), so under DDP the saving is time, not memory;
+        ``gradient_as_bucket_view=True`` at least avoids DDP's second copy in ``.grad``. After
+        :meth:`close` the hook only averages and :meth:`step` updates as usual.
 
         Args:
             ddp_model: the ``DistributedDataParallel`` module wrapping this optimizer's parameters.
@@ -674,8 +677,13 @@ class FusedOptimizer(Optimizer):
         self._hooks = {}
         self._attached = False
         ref = weakref.ref(self)
+        # The process group may run `update` on its worker threads (gloo does), several buckets at
+        # once; the per-iteration bookkeeping is not thread-safe, so bucket updates take turns.
+        lock = threading.Lock()
 
-        def comm_hook(process_group: Any, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        # No annotations: DDP checks them against dist.GradBucket and Future[Tensor], and with
+        # `from __future__ import annotations` they would be strings and be rejected.
+        def comm_hook(process_group, bucket):
             group = process_group if process_group is not None else dist.group.WORLD
             world = dist.get_world_size(group)
             fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
@@ -683,13 +691,15 @@ class FusedOptimizer(Optimizer):
             def update(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
                 buffer = fut.value()[0].div_(world)
                 opt = ref()
-                if opt is not None:
-                    opt._ddp_update(bucket.parameters(), buffer)
+                # After close() the hook only averages, as DDP's default; step() then updates.
+                if opt is not None and opt.backward_step:
+                    with lock:
+                        opt._ddp_update(bucket.parameters(), buffer)
                 return buffer
 
             return fut.then(update)
 
-        ddp_model.register_comm_hook(None, comm_hook)
+        ddp_model.register_comm_hook(ddp_model.process_group, comm_hook)
 
     @torch.no_grad()
     def _ddp_update(self, params: list[Tensor], buffer: Tensor) -> None:
