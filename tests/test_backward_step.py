@@ -514,3 +514,24 @@ def test_cuda_backward_step_is_bit_identical_to_step(name):
             opt.zero_grad()
         runs.append((model, opt))
     assert_same_training(*runs)
+
+
+# ---- sharded parameters ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_dtensor_parameters_are_rejected_with_a_clear_error():
+    """FSDP2 shards parameters as DTensors: not supported yet, and said so."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+        with pytest.raises(TypeError, match=r"is a DTensor \(FSDP2 or tensor parallel\)"):
+            fusedwarm.AdamW([p])
+    finally:
+        dist.destroy_process_group()
