@@ -45,6 +45,7 @@ __all__ = ["AdamW", "SGD", "Lion", "FusedOptimizer"]
 EXTRA_BITS = (0, 8, 16)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+ARITHMETICS = ("ieee", "pam")
 _EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
 
 
@@ -84,6 +85,11 @@ def _check_common(extra_bits: Any, state_dtype: Any, seed: Any) -> None:
         raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**63))")
 
 
+def _check_arithmetic(arithmetic: Any) -> None:
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"Invalid arithmetic: {arithmetic!r} (expected one of {ARITHMETICS})")
+
+
 def _default_seed() -> int:
     """A seed drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -102,6 +108,7 @@ class FusedOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any]) -> None:
         _check_common(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
+        _check_arithmetic(defaults.get("arithmetic", "ieee"))
         if defaults["seed"] is None:
             defaults["seed"] = _default_seed()
         super().__init__(params, defaults)
@@ -129,6 +136,7 @@ class FusedOptimizer(Optimizer):
     def _check_group_options(self, group: dict[str, Any]) -> None:
         merged = {**getattr(self, "defaults", {}), **group}
         _check_common(merged.get("extra_bits", 16), merged.get("state_dtype"), merged.get("seed"))
+        _check_arithmetic(merged.get("arithmetic", "ieee"))
         self._check_hyper(merged)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
@@ -275,6 +283,7 @@ class FusedOptimizer(Optimizer):
             self._extra_bits(group, params[0]),
             group["seed"],
             *[self._hyper_value(group, n) for n in self._hyper_names],
+            arithmetic=group.get("arithmetic", "ieee"),
         )
         for p, w in zip(params, work):
             if w is not p:
@@ -377,6 +386,11 @@ class AdamW(FusedOptimizer):
         state_dtype: ``torch.float32``, ``torch.bfloat16`` or ``None`` (bfloat16 for half-precision
             weights, float32 for float32 weights).
         seed: key of the stochastic-rounding random stream; drawn from torch's generator if None.
+        arithmetic: ``"ieee"`` (float32 operations) or ``"pam"``: every per-element multiply, divide
+            and square root of the update is piecewise-affine (Kosson & Jaggi 2023; see
+            :mod:`fusedwarm.pam`), additions stay float32 and rounding/extra bits are integer
+            operations. The per-step scalars (bias corrections, ``1 - lr wd``, step size) are
+            float32 arithmetic either way.
     """
 
     _op_name = "adamw_"
@@ -395,9 +409,10 @@ class AdamW(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        arithmetic: str = "ieee",
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        extra_bits=extra_bits, state_dtype=state_dtype, seed=seed)
+                        extra_bits=extra_bits, state_dtype=state_dtype, seed=seed, arithmetic=arithmetic)
         self._check_hyper(defaults)
         super().__init__(params, defaults)
 
@@ -421,7 +436,7 @@ class SGD(FusedOptimizer):
         weight_decay: L2 penalty added to the gradient.
         nesterov: use Nesterov momentum (needs momentum > 0 and dampening = 0).
         maximize: maximize the objective instead of minimizing it.
-        extra_bits, state_dtype, seed: see :class:`AdamW`.
+        extra_bits, state_dtype, seed, arithmetic: see :class:`AdamW`.
     """
 
     _op_name = "sgd_"
@@ -441,10 +456,11 @@ class SGD(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        arithmetic: str = "ieee",
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype,
-                        seed=seed)
+                        seed=seed, arithmetic=arithmetic)
         self._check_hyper(defaults)
         super().__init__(params, defaults)
 
@@ -472,7 +488,7 @@ class Lion(FusedOptimizer):
         betas: interpolation factor of the update direction and of the momentum average.
         weight_decay: decoupled weight decay coefficient.
         maximize: maximize the objective instead of minimizing it.
-        extra_bits, state_dtype, seed: see :class:`AdamW`.
+        extra_bits, state_dtype, seed, arithmetic: see :class:`AdamW`.
     """
 
     _op_name = "lion_"
@@ -490,9 +506,10 @@ class Lion(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        arithmetic: str = "ieee",
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, extra_bits=extra_bits,
-                        state_dtype=state_dtype, seed=seed)
+                        state_dtype=state_dtype, seed=seed, arithmetic=arithmetic)
         self._check_hyper(defaults)
         super().__init__(params, defaults)
 

@@ -8,7 +8,7 @@ namespace fusedwarm {
 // The element loop of one chunk. Everything arrives by value and the arrays are __restrict, so
 // the compiler knows the stores (an int8 extra-bits store may alias anything) cannot change the
 // scalars or pointers, and vectorizes the branch-free element function, one element per lane.
-template <class Rule, class P, class S>
+template <class Rule, class P, class S, class M = fw::Ieee>
 void run_chunk(const typename Rule::Scalars sc, const uint64_t stream, int64_t begin, int64_t end,
                typename P::storage* __restrict w, const typename P::storage* __restrict g,
                typename P::extra_storage* __restrict ext, typename S::storage* __restrict s0,
@@ -18,7 +18,7 @@ void run_chunk(const typename Rule::Scalars sc, const uint64_t stream, int64_t b
 #pragma omp simd
   for (int64_t k = begin; k < end; ++k) {
     int32_t e = P::K > 0 ? static_cast<int32_t>(ext[k]) : 0;
-    fw::update_element<Rule, P, S>(sc, stream, static_cast<uint64_t>(k), w[k], e, g[k], kS > 0 ? s0[k] : unused,
+    fw::update_element<Rule, P, S, M>(sc, stream, static_cast<uint64_t>(k), w[k], e, g[k], kS > 0 ? s0[k] : unused,
                                    kS > 1 ? s1[k] : unused);
     if (P::K > 0) ext[k] = static_cast<typename P::extra_storage>(e);
   }

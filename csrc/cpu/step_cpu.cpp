@@ -12,7 +12,7 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
-template <class Rule, class P, class S>
+template <class Rule, class P, class S, class M>
 void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   using PS = typename P::storage;
   using SS = typename S::storage;
@@ -31,7 +31,7 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     SS* s0 = kS > 0 ? static_cast<SS*>(L.states[0][i].data_ptr()) : nullptr;
     SS* s1 = kS > 1 ? static_cast<SS*>(L.states[1][i].data_ptr()) : nullptr;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      run_chunk<Rule, P, S>(sc, stream, begin, end, w, g, ext, s0, s1);
+      run_chunk<Rule, P, S, M>(sc, stream, begin, end, w, g, ext, s0, s1);
     });
   }
 }
@@ -40,8 +40,11 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
 
 template <class Rule>
 void CpuBackend::run(const StepLists& L, const typename Rule::Hyper& h) {
-  dispatch_storage(L, [&](auto ptag, auto stag) {
-    run_typed<Rule, typename decltype(ptag)::type, typename decltype(stag)::type>(L, h);
+  dispatch_arithmetic(L, [&](auto mtag) {
+    dispatch_storage(L, [&](auto ptag, auto stag) {
+      run_typed<Rule, typename decltype(ptag)::type, typename decltype(stag)::type, typename decltype(mtag)::type>(
+          L, h);
+    });
   });
 }
 

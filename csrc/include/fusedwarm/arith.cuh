@@ -48,6 +48,8 @@ struct Ieee {
     return __builtin_sqrtf(a);
 #endif
   }
+  // x * pow2 for a power of two pow2 where the product is exact (float16 rebiasing in bits.cuh).
+  static FW_HD float scale_pow2(float x, float pow2) { return mul(x, pow2); }
 };
 
 // b**n for an integer n >= 0 by repeated squaring, with the policy's multiply: the bias
