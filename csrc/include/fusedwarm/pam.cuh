@@ -22,7 +22,8 @@
 // negative (nonzero) number are NaN; any NaN in gives NaN out. Every NaN result is the canonical
 // quiet NaN 0x7FC00000.
 //
-// All functions are branch-free (selects only) so that CPU loops vectorize.
+// All functions are branch-free chains of selects, each on a single comparison (GCC's vectorizer
+// does not handle combined boolean masks of mixed origin), so that CPU loops vectorize.
 #pragma once
 #include "arith.cuh"
 
@@ -38,6 +39,9 @@ constexpr uint32_t kPamSign = 0x80000000u;
 FW_HD bool pam_is_nan(uint32_t mag) { return mag > kPamInf; }
 FW_HD bool pam_is_inf(uint32_t mag) { return mag == kPamInf; }
 FW_HD bool pam_is_zero(uint32_t mag) { return mag < kPamMinNormal; }  // zeros and subnormals
+// A pattern with the sign bit set and a magnitude of at least the smallest normal (-inf and
+// negative NaNs included): one unsigned comparison.
+FW_HD bool pam_is_negative_nonzero(uint32_t bits) { return bits >= (kPamSign | kPamMinNormal); }
 
 FW_HD float pam_mul(float a, float b) {
   const uint32_t A = float_bits(a), B = float_bits(b);
@@ -45,15 +49,16 @@ FW_HD float pam_mul(float a, float b) {
   const uint32_t ma = A & ~kPamSign, mb = B & ~kPamSign;
   // For two finite normals s <= 2 * 0x7F7FFFFF fits in 32 bits; other cases are selected away.
   const uint32_t s = ma + mb;
-  uint32_t mag = s - kPamOne;
-  mag = s < kPamOne + kPamMinNormal ? 0u : mag;
-  mag = s >= kPamOne + kPamInf ? kPamInf : mag;
-  const bool zero = pam_is_zero(ma) || pam_is_zero(mb);
-  const bool inf = pam_is_inf(ma) || pam_is_inf(mb);
-  const bool nan = pam_is_nan(ma) || pam_is_nan(mb) || (inf && zero);
-  mag = zero ? 0u : mag;
-  mag = inf ? kPamInf : mag;
-  return bits_float(nan ? kPamNaN : (sign | mag));
+  uint32_t r = sign | (s - kPamOne);
+  r = s < kPamOne + kPamMinNormal ? sign : r;
+  r = s >= kPamOne + kPamInf ? (sign | kPamInf) : r;
+  r = pam_is_zero(ma) ? sign : r;
+  r = pam_is_zero(mb) ? sign : r;
+  r = pam_is_inf(ma) ? (pam_is_zero(mb) ? kPamNaN : (sign | kPamInf)) : r;
+  r = pam_is_inf(mb) ? (pam_is_zero(ma) ? kPamNaN : (sign | kPamInf)) : r;
+  r = pam_is_nan(ma) ? kPamNaN : r;
+  r = pam_is_nan(mb) ? kPamNaN : r;
+  return bits_float(r);
 }
 
 FW_HD float pam_div(float a, float b) {
@@ -62,26 +67,27 @@ FW_HD float pam_div(float a, float b) {
   const uint32_t ma = A & ~kPamSign, mb = B & ~kPamSign;
   // For finite normals num <= 0xBEFFFFFF and mb + kPamInf <= 0xFEFFFFFF: no wrap-around.
   const uint32_t num = ma + kPamOne;
-  uint32_t mag = num - mb;
-  mag = num < mb + kPamMinNormal ? 0u : mag;
-  mag = num >= mb + kPamInf ? kPamInf : mag;
-  const bool a_zero = pam_is_zero(ma), b_zero = pam_is_zero(mb);
-  const bool a_inf = pam_is_inf(ma), b_inf = pam_is_inf(mb);
-  const bool nan = pam_is_nan(ma) || pam_is_nan(mb) || (a_zero && b_zero) || (a_inf && b_inf);
-  mag = (a_zero || b_inf) ? 0u : mag;
-  mag = (a_inf || b_zero) ? kPamInf : mag;
-  return bits_float(nan ? kPamNaN : (sign | mag));
+  uint32_t r = sign | (num - mb);
+  r = num < mb + kPamMinNormal ? sign : r;
+  r = num >= mb + kPamInf ? (sign | kPamInf) : r;
+  r = pam_is_zero(ma) ? sign : r;
+  r = pam_is_inf(mb) ? sign : r;
+  r = pam_is_zero(mb) ? (pam_is_zero(ma) ? kPamNaN : (sign | kPamInf)) : r;
+  r = pam_is_inf(ma) ? (pam_is_inf(mb) ? kPamNaN : (sign | kPamInf)) : r;
+  r = pam_is_nan(ma) ? kPamNaN : r;
+  r = pam_is_nan(mb) ? kPamNaN : r;
+  return bits_float(r);
 }
 
 FW_HD float pam_sqrt(float a) {
   const uint32_t A = float_bits(a);
   const uint32_t ma = A & ~kPamSign;
-  const bool zero = pam_is_zero(ma);
-  const bool nan = pam_is_nan(ma) || ((A & kPamSign) != 0u && !zero);
-  uint32_t r = (ma + kPamOne) >> 1;  // <= 0x5F7FFFFF: always a normal number
-  r = zero ? (A & kPamSign) : r;     // sqrt(-0) = -0, as IEEE
+  uint32_t r = (ma + kPamOne) >> 1;           // <= 0x5F7FFFFF: always a normal number
+  r = pam_is_zero(ma) ? (A & kPamSign) : r;  // sqrt(-0) = -0, as IEEE
   r = pam_is_inf(ma) ? kPamInf : r;
-  return bits_float(nan ? kPamNaN : r);
+  r = pam_is_negative_nonzero(A) ? kPamNaN : r;
+  r = pam_is_nan(ma) ? kPamNaN : r;
+  return bits_float(r);
 }
 
 FW_HD float pam_exp2(float x) {
@@ -104,8 +110,6 @@ FW_HD float pam_exp2(float x) {
 FW_HD float pam_log2(float a) {
   const uint32_t A = float_bits(a);
   const uint32_t ma = A & ~kPamSign;
-  const bool zero = pam_is_zero(ma);
-  const bool nan = pam_is_nan(ma) || ((A & kPamSign) != 0u && !zero);
   const int32_t d = static_cast<int32_t>(ma) - static_cast<int32_t>(kPamOne);
 #if defined(__CUDA_ARCH__)
   const float df = __int2float_rn(d);
@@ -113,23 +117,22 @@ FW_HD float pam_log2(float a) {
   const float df = static_cast<float>(d);
 #endif
   // d != 0 has |df| >= 1 (exponent field >= 127), so removing 23 from the field stays normal.
-  uint32_t out = d == 0 ? 0u : float_bits(df) - (23u << 23);
-  out = zero ? (kPamSign | kPamInf) : out;
-  out = pam_is_inf(ma) ? kPamInf : out;
-  return bits_float(nan ? kPamNaN : out);
+  uint32_t r = d == 0 ? 0u : float_bits(df) - (23u << 23);
+  r = pam_is_zero(ma) ? (kPamSign | kPamInf) : r;
+  r = pam_is_inf(ma) ? kPamInf : r;
+  r = pam_is_negative_nonzero(A) ? kPamNaN : r;
+  r = pam_is_nan(ma) ? kPamNaN : r;
+  return bits_float(r);
 }
 
 // x * 2^k for x >= 0 finite (subnormals included, unlike PAM) and pow2 = 2^k with a normal
-// result: the exponent is added as an integer. A subnormal x = f 2^-149 goes through the exact
-// integer-to-float conversion of f. Used to rebias float16 values in bits.cuh without a multiply.
+// result: the exponent is added as an integer. A subnormal x = f 2^-149 is first made the normal
+// float f (exactly: the pattern 0x4B000000 | f is 2^23 + f, and subtracting 2^23 is exact). Used
+// to rebias float16 values in bits.cuh without a multiply.
 FW_HD float pam_scale_pow2(float x, float pow2) {
   const uint32_t X = float_bits(x);
   const uint32_t offset = float_bits(pow2) - kPamOne;
-#if defined(__CUDA_ARCH__)
-  const float f = __int2float_rn(static_cast<int32_t>(X));
-#else
-  const float f = static_cast<float>(static_cast<int32_t>(X));
-#endif
+  const float f = Ieee::sub(bits_float(0x4B000000u | X), 8388608.0f);
   const uint32_t sub = X == 0u ? 0u : float_bits(f) + offset - (149u << 23);
   return bits_float(X >= kPamMinNormal ? X + offset : sub);
 }
