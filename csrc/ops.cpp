@@ -3,6 +3,7 @@
 // fusedwarm/_ops.py.
 #include <torch/library.h>
 
+#include "cpu/pam_cpu.h"
 #include "cpu/step_cpu.h"
 #include "ops_impl.h"
 
@@ -26,6 +27,12 @@ StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::Tenso
   L.extra_bits = extra_bits;
   L.seed = seed;
   return L;
+}
+
+bool parse_arithmetic(const char* op, c10::string_view arithmetic) {
+  TORCH_CHECK(arithmetic == "ieee" || arithmetic == "pam", "fusedwarm.", op,
+              ": arithmetic must be 'ieee' or 'pam', got '", std::string(arithmetic), "'");
+  return arithmetic == "pam";
 }
 
 namespace {
@@ -185,19 +192,27 @@ TORCH_LIBRARY(fusedwarm, m) {
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, "
-      "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize, Tensor? grad_scales=None, "
-      "Tensor(e!)? nonfinite=None) -> ()");
+      "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize, str arithmetic=\"ieee\", "
+      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] momentum_buffers, "
       "Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, Tensor? grad_scales=None, "
-      "Tensor(e!)? nonfinite=None) -> ()");
+      "float dampening, float weight_decay, bool nesterov, bool maximize, str arithmetic=\"ieee\", "
+      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None) -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, Tensor[] steps, "
       "int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float beta1, float beta2, "
-      "float weight_decay, bool maximize, Tensor? grad_scales=None, Tensor(e!)? nonfinite=None) -> ()");
+      "float weight_decay, bool maximize, str arithmetic=\"ieee\", Tensor? grad_scales=None, "
+      "Tensor(e!)? nonfinite=None) -> ()");
   m.def("master_weight(Tensor param, Tensor extra, int extra_bits) -> Tensor");
   m.def("philox4x32(Tensor counters, int key) -> Tensor");
+  // Piecewise-affine arithmetic (Kosson & Jaggi 2023; pam.cuh): float32 in, float32 out.
+  m.def("pam_mul(Tensor a, Tensor b) -> Tensor");
+  m.def("pam_div(Tensor a, Tensor b) -> Tensor");
+  m.def("pam_sqrt(Tensor a) -> Tensor");
+  m.def("pam_exp2(Tensor a) -> Tensor");
+  m.def("pam_log2(Tensor a) -> Tensor");
+  m.def("pam_matmul(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedwarm, CPU, m) {
@@ -205,6 +220,12 @@ TORCH_LIBRARY_IMPL(fusedwarm, CPU, m) {
   m.impl("sgd_", &OpImpls<CpuBackend>::sgd_);
   m.impl("lion_", &OpImpls<CpuBackend>::lion_);
   m.impl("philox4x32", &philox4x32_cpu);
+  m.impl("pam_mul", &PamImpls<PamCpu>::mul);
+  m.impl("pam_div", &PamImpls<PamCpu>::div);
+  m.impl("pam_sqrt", &PamImpls<PamCpu>::sqrt);
+  m.impl("pam_exp2", &PamImpls<PamCpu>::exp2);
+  m.impl("pam_log2", &PamImpls<PamCpu>::log2);
+  m.impl("pam_matmul", &PamImpls<PamCpu>::matmul);
 }
 
 TORCH_LIBRARY_IMPL(fusedwarm, CompositeExplicitAutograd, m) {

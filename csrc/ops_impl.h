@@ -18,9 +18,11 @@ struct OpImpls {
                      at::TensorList exp_avg_sqs, at::TensorList steps, at::IntArrayRef tensor_ids,
                      const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                      double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                     const std::optional<at::Tensor>& grad_scales, const std::optional<at::Tensor>& nonfinite) {
-    const StepLists L = make_step_lists(params, grads, extras, {exp_avgs, exp_avg_sqs}, steps, tensor_ids,
-                                        lr_tensor, lr, extra_bits, seed, grad_scales, nonfinite);
+                     c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
+                     const std::optional<at::Tensor>& nonfinite) {
+    StepLists L = make_step_lists(params, grads, extras, {exp_avgs, exp_avg_sqs}, steps, tensor_ids, lr_tensor,
+                                  lr, extra_bits, seed, grad_scales, nonfinite);
+    L.pam = parse_arithmetic("adamw_", arithmetic);
     check_step_lists("adamw_", L, fw::AdamW::kStates);
     const fw::AdamW::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                              static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
@@ -33,17 +35,21 @@ struct OpImpls {
                    at::TensorList momentum_buffers, at::TensorList steps, at::IntArrayRef tensor_ids,
                    const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                   const std::optional<at::Tensor>& grad_scales, const std::optional<at::Tensor>& nonfinite) {
+                   c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
+                   const std::optional<at::Tensor>& nonfinite) {
+    const bool pam = parse_arithmetic("sgd_", arithmetic);
     const fw::SGD::Hyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                            static_cast<float>(weight_decay), nesterov, maximize};
     if (momentum == 0.0) {
-      const StepLists L = make_step_lists(params, grads, extras, {}, steps, tensor_ids, lr_tensor, lr, extra_bits,
-                                          seed, grad_scales, nonfinite);
+      StepLists L = make_step_lists(params, grads, extras, {}, steps, tensor_ids, lr_tensor, lr, extra_bits, seed,
+                                    grad_scales, nonfinite);
+      L.pam = pam;
       check_step_lists("sgd_", L, fw::SGD::kStates);
       Backend::template run<fw::SGD>(L, h);
     } else {
-      const StepLists L = make_step_lists(params, grads, extras, {momentum_buffers}, steps, tensor_ids,
-                                          lr_tensor, lr, extra_bits, seed, grad_scales, nonfinite);
+      StepLists L = make_step_lists(params, grads, extras, {momentum_buffers}, steps, tensor_ids, lr_tensor, lr,
+                                    extra_bits, seed, grad_scales, nonfinite);
+      L.pam = pam;
       check_step_lists("sgd_", L, fw::SGDMomentum::kStates);
       Backend::template run<fw::SGDMomentum>(L, h);
     }
@@ -52,10 +58,11 @@ struct OpImpls {
   static void lion_(at::TensorList params, at::TensorList grads, at::TensorList extras, at::TensorList exp_avgs,
                     at::TensorList steps, at::IntArrayRef tensor_ids, const std::optional<at::Tensor>& lr_tensor,
                     double lr, int64_t extra_bits, int64_t seed, double beta1, double beta2, double weight_decay,
-                    bool maximize, const std::optional<at::Tensor>& grad_scales,
+                    bool maximize, c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
                     const std::optional<at::Tensor>& nonfinite) {
-    const StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr,
-                                        extra_bits, seed, grad_scales, nonfinite);
+    StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr, extra_bits,
+                                  seed, grad_scales, nonfinite);
+    L.pam = parse_arithmetic("lion_", arithmetic);
     check_step_lists("lion_", L, fw::Lion::kStates);
     const fw::Lion::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                             static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),

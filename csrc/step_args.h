@@ -20,7 +20,17 @@ struct StepLists {
   double lr;
   int64_t extra_bits;
   int64_t seed;
+  // Element arithmetic: IEEE fp32, or piecewise-affine (pam.cuh) for multiply, divide and sqrt.
+  // The per-tensor scalars (Rule::scalars: bias corrections, decay factor) are IEEE either way.
+  bool pam = false;
 };
+
+// "ieee" -> false, "pam" -> true; anything else is an error naming the op.
+bool parse_arithmetic(const char* op, c10::string_view arithmetic);
+
+// Calls fn(Tag<fw::Ieee>{}) or fn(Tag<fw::Pam>{}) for the call's element arithmetic.
+template <class Fn>
+void dispatch_arithmetic(const StepLists& L, Fn&& fn);
 
 // Checks list lengths, devices, dtypes, sizes and contiguity; names the offending tensor.
 void check_step_lists(const char* op, const StepLists& L, int num_states);
@@ -29,6 +39,15 @@ template <class T>
 struct Tag {
   using type = T;
 };
+
+template <class Fn>
+void dispatch_arithmetic(const StepLists& L, Fn&& fn) {
+  if (L.pam) {
+    fn(Tag<fw::Pam>{});
+  } else {
+    fn(Tag<fw::Ieee>{});
+  }
+}
 
 // Calls fn(Tag<Param>{}, Tag<State>{}) with the storage kinds of the call's tensors.
 template <class Fn>

@@ -33,3 +33,15 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedwarm::philox4x32")
     def _philox(counters, key):
         return torch.empty_like(counters)
+
+    def _pam_elementwise(a, b=None):
+        return torch.empty_like(a, memory_format=torch.contiguous_format)
+
+    for name in ("pam_mul", "pam_div", "pam_sqrt", "pam_exp2", "pam_log2"):
+        torch.library.register_fake(f"fusedwarm::{name}")(_pam_elementwise)
+
+    @torch.library.register_fake("fusedwarm::pam_matmul")
+    def _pam_matmul(a, b):
+        torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
+                     lambda: f"fusedwarm.pam_matmul: cannot multiply shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        return a.new_empty((a.shape[0], b.shape[1]))

@@ -1,7 +1,7 @@
 """The extension's source list and compile flags: shared by the JIT build and setup.py (no torch import)."""
 
-CPU_SOURCES = ("ops.cpp", "cpu/step_cpu.cpp")
-CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/step_kernels.cu")
+CPU_SOURCES = ("ops.cpp", "cpu/step_cpu.cpp", "cpu/pam_cpu.cpp")
+CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/step_kernels.cu", "cuda/pam_cuda.cpp", "cuda/pam_kernels.cu")
 HEADER_SUFFIXES = (".h", ".cuh")
 
 # -ffp-contract=off / --fmad=false: no fused multiply-add that one backend would do and the other

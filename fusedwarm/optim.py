@@ -59,6 +59,7 @@ __all__ = ["AdamW", "SGD", "Lion", "FusedOptimizer"]
 EXTRA_BITS = (0, 8, 16)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+ARITHMETICS = ("ieee", "pam")
 _EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
 
 
@@ -162,6 +163,11 @@ def _release(p: Tensor, opt: Any) -> None:
         del _OWNERS[id(p)]
 
 
+def _check_arithmetic(arithmetic: Any) -> None:
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"Invalid arithmetic: {arithmetic!r} (expected one of {ARITHMETICS})")
+
+
 def _default_seed() -> int:
     """A seed drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -185,6 +191,7 @@ class FusedOptimizer(Optimizer):
                  clip: str = "global", loss_scale: float | str | None = None) -> None:
         _check_common(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
         _check_driver(backward_step, bucket_cap_mb, max_grad_norm, clip, loss_scale)
+        _check_arithmetic(defaults.get("arithmetic", "ieee"))
         if defaults["seed"] is None:
             defaults["seed"] = _default_seed()
         self._options = dict(backward_step=backward_step, bucket_cap_mb=bucket_cap_mb, max_grad_norm=max_grad_norm,
@@ -292,6 +299,7 @@ class FusedOptimizer(Optimizer):
     def _check_group_options(self, group: dict[str, Any]) -> None:
         merged = {**getattr(self, "defaults", {}), **group}
         _check_common(merged.get("extra_bits", 16), merged.get("state_dtype"), merged.get("seed"))
+        _check_arithmetic(merged.get("arithmetic", "ieee"))
         self._check_hyper(merged)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
@@ -522,6 +530,7 @@ class FusedOptimizer(Optimizer):
             self._extra_bits(group, params[0]),
             group["seed"],
             *[self._hyper_value(group, n) for n in self._hyper_names],
+            arithmetic=group.get("arithmetic", "ieee"),
             grad_scales=self._grad_scales(device, grads),
             nonfinite=skipped,
         )
@@ -871,6 +880,11 @@ class AdamW(FusedOptimizer):
             global norm of the previous iteration, computed on the device).
         loss_scale: ``None``, a constant, or ``"dynamic"``: the gradients are divided by
             :attr:`loss_scale` inside the update (multiply the loss by it before backward).
+        arithmetic: ``"ieee"`` (float32 operations) or ``"pam"``: every per-element multiply, divide
+            and square root of the update is piecewise-affine (Kosson & Jaggi 2023; see
+            :mod:`fusedwarm.pam`), additions stay float32 and rounding/extra bits are integer
+            operations. The per-step scalars (bias corrections, ``1 - lr wd``, step size) are
+            float32 arithmetic either way.
     """
 
     _op_name = "adamw_"
@@ -889,6 +903,7 @@ class AdamW(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        arithmetic: str = "ieee",
         backward_step: bool = False,
         bucket_cap_mb: float = 25.0,
         max_grad_norm: float | None = None,
@@ -896,7 +911,7 @@ class AdamW(FusedOptimizer):
         loss_scale: float | str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        extra_bits=extra_bits, state_dtype=state_dtype, seed=seed)
+                        extra_bits=extra_bits, state_dtype=state_dtype, seed=seed, arithmetic=arithmetic)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
@@ -921,7 +936,7 @@ class SGD(FusedOptimizer):
         weight_decay: L2 penalty added to the gradient.
         nesterov: use Nesterov momentum (needs momentum > 0 and dampening = 0).
         maximize: maximize the objective instead of minimizing it.
-        extra_bits, state_dtype, seed, backward_step, bucket_cap_mb, max_grad_norm, clip,
+        extra_bits, state_dtype, seed, arithmetic, backward_step, bucket_cap_mb, max_grad_norm, clip,
             loss_scale: see :class:`AdamW`.
     """
 
@@ -942,6 +957,7 @@ class SGD(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        arithmetic: str = "ieee",
         backward_step: bool = False,
         bucket_cap_mb: float = 25.0,
         max_grad_norm: float | None = None,
@@ -950,7 +966,7 @@ class SGD(FusedOptimizer):
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype,
-                        seed=seed)
+                        seed=seed, arithmetic=arithmetic)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
@@ -979,7 +995,7 @@ class Lion(FusedOptimizer):
         betas: interpolation factor of the update direction and of the momentum average.
         weight_decay: decoupled weight decay coefficient.
         maximize: maximize the objective instead of minimizing it.
-        extra_bits, state_dtype, seed, backward_step, bucket_cap_mb, max_grad_norm, clip,
+        extra_bits, state_dtype, seed, arithmetic, backward_step, bucket_cap_mb, max_grad_norm, clip,
             loss_scale: see :class:`AdamW`.
     """
 
@@ -998,6 +1014,7 @@ class Lion(FusedOptimizer):
         extra_bits: int = 16,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        arithmetic: str = "ieee",
         backward_step: bool = False,
         bucket_cap_mb: float = 25.0,
         max_grad_norm: float | None = None,
@@ -1005,7 +1022,7 @@ class Lion(FusedOptimizer):
         loss_scale: float | str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, extra_bits=extra_bits,
-                        state_dtype=state_dtype, seed=seed)
+                        state_dtype=state_dtype, seed=seed, arithmetic=arithmetic)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)

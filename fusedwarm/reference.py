@@ -9,6 +9,12 @@ The constructors take the same arguments as :mod:`fusedwarm.optim` so tests can 
 for the other; ``extra_bits``, ``state_dtype`` and ``seed`` are accepted and ignored, since
 the reference keeps everything in float32 and rounds nothing. Like the fused optimizers, an
 element whose gradient is not finite is left untouched.
+
+``arithmetic="pam"`` runs the update with piecewise-affine arithmetic (Kosson & Jaggi 2023;
+``pam_mul`` and friends below): every per-element multiply, divide and square root is a PA
+operation, additions stay float32. The per-step scalars (bias corrections, ``1 - lr wd``, the
+step size) are ordinary float32 arithmetic, evaluated in fusedwarm's order so that the fused
+optimizers can be checked bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +26,149 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["AdamW", "SGD", "Lion"]
+__all__ = ["AdamW", "SGD", "Lion", "pam_mul", "pam_div", "pam_sqrt", "pam_exp2", "pam_log2", "pam_matmul"]
+
+ARITHMETICS = ("ieee", "pam")
+
+# ---- piecewise-affine arithmetic --------------------------------------------------------------
+#
+# Kosson & Jaggi 2023, *Multiplication-Free Transformer Training via Piecewise Affine Operations*
+# (after Mogami 2020), written from the definitions on float32 bit patterns held in int64 (so
+# nothing wraps around): PAM(a, b) = A + B - 0x3F800000 on the magnitudes with the XOR sign,
+# PAD(a, b) = A - B + 0x3F800000, PA-sqrt(a) = (A + 0x3F800000) >> 1, PA-exp2(x) = the bits
+# 0x3F800000 + trunc(x 2^23), PA-log2(a) = (A - 0x3F800000) 2^-23. Subnormal inputs count as
+# zero; results below the smallest normal flush to a signed zero, results past the largest finite
+# value are a signed infinity; inf * 0, 0 / 0, inf / inf and sqrt/log2 of a negative number are
+# NaN; NaN in gives NaN out; every NaN is 0x7FC00000.
+
+_ONE = 0x3F800000
+_MIN_NORMAL = 0x00800000
+_INF = 0x7F800000
+_NAN = 0x7FC00000
+_SIGN = 0x80000000
+
+
+def _to_bits(x: Tensor) -> Tensor:
+    """float32 -> its bit pattern as a non-negative int64."""
+    return x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def _from_bits(bits: Tensor) -> Tensor:
+    """A bit pattern in [0, 2^32) held in int64 -> float32."""
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def _check_f32(name: str, *tensors: Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32:
+            raise TypeError(f"reference.{name}: expected float32 tensors, got {t.dtype}")
+
+
+def pam_mul(a: Tensor, b: Tensor) -> Tensor:
+    """Piecewise-affine multiplication of float32 tensors (broadcast), Kosson & Jaggi 2023."""
+    _check_f32("pam_mul", a, b)
+    a, b = torch.broadcast_tensors(a, b)
+    A, B = _to_bits(a), _to_bits(b)
+    sign = (A ^ B) & _SIGN
+    ma, mb = A & 0x7FFFFFFF, B & 0x7FFFFFFF
+    total = ma + mb - _ONE
+    mag = torch.where(total < _MIN_NORMAL, 0, torch.where(total >= _INF, _INF, total))
+    zero = (ma < _MIN_NORMAL) | (mb < _MIN_NORMAL)
+    inf = (ma == _INF) | (mb == _INF)
+    nan = (ma > _INF) | (mb > _INF) | (inf & zero)
+    mag = torch.where(inf, _INF, torch.where(zero, 0, mag))
+    return _from_bits(torch.where(nan, _NAN, sign | mag))
+
+
+def pam_div(a: Tensor, b: Tensor) -> Tensor:
+    """Piecewise-affine division a / b of float32 tensors (broadcast), Kosson & Jaggi 2023."""
+    _check_f32("pam_div", a, b)
+    a, b = torch.broadcast_tensors(a, b)
+    A, B = _to_bits(a), _to_bits(b)
+    sign = (A ^ B) & _SIGN
+    ma, mb = A & 0x7FFFFFFF, B & 0x7FFFFFFF
+    total = ma - mb + _ONE
+    mag = torch.where(total < _MIN_NORMAL, 0, torch.where(total >= _INF, _INF, total))
+    a_zero, b_zero = ma < _MIN_NORMAL, mb < _MIN_NORMAL
+    a_inf, b_inf = ma == _INF, mb == _INF
+    nan = (ma > _INF) | (mb > _INF) | (a_zero & b_zero) | (a_inf & b_inf)
+    mag = torch.where(a_inf | b_zero, _INF, torch.where(a_zero | b_inf, 0, mag))
+    return _from_bits(torch.where(nan, _NAN, sign | mag))
+
+
+def pam_sqrt(a: Tensor) -> Tensor:
+    """Piecewise-affine square root of a float32 tensor: the bit offset from 1.0 halved (floor)."""
+    _check_f32("pam_sqrt", a)
+    A = _to_bits(a)
+    ma, sign = A & 0x7FFFFFFF, A & _SIGN
+    zero = ma < _MIN_NORMAL
+    nan = (ma > _INF) | ((sign != 0) & ~zero)
+    out = torch.div(ma + _ONE, 2, rounding_mode="floor")
+    out = torch.where(ma == _INF, _INF, torch.where(zero, sign, out))
+    return _from_bits(torch.where(nan, _NAN, out))
+
+
+def pam_exp2(x: Tensor) -> Tensor:
+    """Piecewise-affine 2**x of a float32 tensor: 2^floor(x) (1 + frac(x)), from x 2^23 truncated."""
+    _check_f32("pam_exp2", x)
+    X = _to_bits(x)
+    mx = X & 0x7FFFFFFF
+    neg = (X & _SIGN) != 0
+    normal = mx >= _MIN_NORMAL
+    big = mx >= (127 + 7) << 23  # |x| >= 128
+    # |x| 2^23 is exact in float64; truncating it is the fixed-point value of |x|.
+    scaled = torch.where(normal & ~big, x.abs(), torch.zeros_like(x)).double() * 2.0**23
+    fixed = torch.trunc(scaled).to(torch.int64)
+    r = torch.where(neg, _ONE - fixed, _ONE + fixed)
+    out = torch.where(r < _MIN_NORMAL, 0, r)
+    out = torch.where(big, torch.where(neg, 0, _INF), out)
+    return _from_bits(torch.where(mx > _INF, _NAN, out))
+
+
+def pam_log2(a: Tensor) -> Tensor:
+    """Piecewise-affine log2 of a float32 tensor: (A - 0x3F800000) 2^-23, i.e. exponent + mantissa."""
+    _check_f32("pam_log2", a)
+    A = _to_bits(a)
+    ma, sign = A & 0x7FFFFFFF, A & _SIGN
+    zero = ma < _MIN_NORMAL
+    nan = (ma > _INF) | ((sign != 0) & ~zero)
+    # The integer rounds once (to nearest even) on conversion; the power-of-two scale is exact.
+    value = (ma - _ONE).to(torch.float32) * 2.0**-23
+    out = _to_bits(value)
+    out = torch.where(ma == _INF, _INF, torch.where(zero, _SIGN | _INF, out))
+    return _from_bits(torch.where(nan, _NAN, out))
+
+
+def pam_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Matrix product of 2-D float32 tensors with PAM products, summed strictly in order of k."""
+    _check_f32("pam_matmul", a, b)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"reference.pam_matmul: cannot multiply shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    for k in range(a.shape[1]):
+        out = out + pam_mul(a[:, k:k + 1], b[k:k + 1, :])
+    return out
+
+
+def _f32(x: float | Tensor) -> Tensor:
+    """A float32 scalar tensor: the per-step scalars of the pam optimizers are rounded as in fp32."""
+    return torch.as_tensor(x, dtype=torch.float32).detach().reshape(()).cpu()
+
+
+def _powi_f32(base: Tensor, n: int) -> Tensor:
+    """base**n by repeated squaring in float32, the order fusedwarm's fw::powi uses."""
+    r = _f32(1.0)
+    while n > 0:
+        if n & 1:
+            r = r * base
+        base = base * base
+        n >>= 1
+    return r
+
+
+def _check_arithmetic(arithmetic: Any) -> None:
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"Invalid arithmetic: {arithmetic!r} (expected one of {ARITHMETICS})")
 
 
 class _Reference(Optimizer):
@@ -55,13 +203,20 @@ class _Reference(Optimizer):
                     g = -g
                 finite = torch.isfinite(g)
                 old = {name: state[name].clone() for name in ("master",) + self._states(group)}
-                self._update(group, lr, state, torch.where(finite, g, torch.zeros_like(g)))
+                g = torch.where(finite, g, torch.zeros_like(g))
+                if group.get("arithmetic", "ieee") == "pam":
+                    self._update_pam(group, group["lr"], state, g)
+                else:
+                    self._update(group, lr, state, g)
                 for name, before in old.items():
                     state[name].copy_(torch.where(finite, state[name], before))
                 p.copy_(state["master"])
         return loss
 
     def _update(self, group: dict[str, Any], lr: float, state: dict[str, Any], g: Tensor) -> None:
+        raise NotImplementedError
+
+    def _update_pam(self, group: dict[str, Any], lr: float | Tensor, state: dict[str, Any], g: Tensor) -> None:
         raise NotImplementedError
 
     def master_weight(self, p: Tensor) -> Tensor:
@@ -82,8 +237,10 @@ class AdamW(_Reference):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
-                 seed: int | None = None) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
+                 seed: int | None = None, arithmetic: str = "ieee") -> None:
+        _check_arithmetic(arithmetic)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                                      arithmetic=arithmetic))
 
     def _update(self, group, lr, state, g):
         beta1, beta2 = group["betas"]
@@ -97,6 +254,22 @@ class AdamW(_Reference):
         denom = v.sqrt() / bias_correction2**0.5 + group["eps"]
         p.sub_((lr / bias_correction1) * (m / denom))
 
+    def _update_pam(self, group, lr, state, g):
+        # Kingma & Ba's one-division form, as fusedwarm computes it (update.cuh):
+        # p <- p - a_t m / (sqrt(v) + eps_t), a_t = lr sqrt(1 - b2^t) / (1 - b1^t), eps_t = eps sqrt(1 - b2^t).
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        lr = _f32(lr)
+        decay = 1 - lr * _f32(group["weight_decay"])
+        bc2_sqrt = torch.sqrt(1 - _powi_f32(_f32(beta2), t))
+        step_size = lr * bc2_sqrt / (1 - _powi_f32(_f32(beta1), t))
+        eps = _f32(group["eps"]) * bc2_sqrt
+        p, m, v = state["master"], state["exp_avg"], state["exp_avg_sq"]
+        p.copy_(pam_mul(p, decay))
+        m.copy_(pam_mul(_f32(beta1), m) + pam_mul(_f32(1 - beta1), g))
+        v.copy_(pam_mul(_f32(beta2), v) + pam_mul(_f32(1 - beta2), pam_mul(g, g)))
+        p.copy_(p - pam_mul(step_size, pam_div(m, pam_sqrt(v) + eps)))
+
 
 class SGD(_Reference):
     """SGD as :class:`torch.optim.SGD` on a float32 master:
@@ -108,9 +281,10 @@ class SGD(_Reference):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, arithmetic: str = "ieee") -> None:
+        _check_arithmetic(arithmetic)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize))
+                                      nesterov=nesterov, maximize=maximize, arithmetic=arithmetic))
 
     def _states(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -129,6 +303,20 @@ class SGD(_Reference):
             g = g + momentum * buf if group["nesterov"] else buf
         p.sub_(lr * g)
 
+    def _update_pam(self, group, lr, state, g):
+        p = state["master"]
+        g = g + pam_mul(_f32(group["weight_decay"]), p)
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state["momentum_buffer"]
+            first = state["step"] == 1
+            buf_coef = _f32(0.0 if first else momentum)
+            grad_coef = _f32(1.0 if first else 1 - group["dampening"])
+            buf.copy_(pam_mul(buf_coef, buf) + pam_mul(grad_coef, g))
+            nesterov = group["nesterov"]
+            g = pam_mul(_f32(1.0 if nesterov else 0.0), g) + pam_mul(_f32(momentum if nesterov else 1.0), buf)
+        p.copy_(p - pam_mul(_f32(lr), g))
+
 
 class Lion(_Reference):
     """Lion (Chen et al. 2023) on a float32 master:
@@ -140,8 +328,11 @@ class Lion(_Reference):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *, maximize: bool = False,
-                 extra_bits: int = 16, state_dtype: torch.dtype | None = None, seed: int | None = None) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+                 extra_bits: int = 16, state_dtype: torch.dtype | None = None, seed: int | None = None,
+                 arithmetic: str = "ieee") -> None:
+        _check_arithmetic(arithmetic)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                                      arithmetic=arithmetic))
 
     def _update(self, group, lr, state, g):
         beta1, beta2 = group["betas"]
@@ -149,3 +340,12 @@ class Lion(_Reference):
         c = beta1 * m + (1 - beta1) * g
         p.mul_(1 - lr * group["weight_decay"]).sub_(lr * torch.sign(c))
         m.mul_(beta2).add_((1 - beta2) * g)
+
+    def _update_pam(self, group, lr, state, g):
+        beta1, beta2 = group["betas"]
+        p, m = state["master"], state["exp_avg"]
+        lr = _f32(lr)
+        decay = 1 - lr * _f32(group["weight_decay"])
+        c = pam_mul(_f32(beta1), m) + pam_mul(_f32(1 - beta1), g)
+        p.copy_(pam_mul(p, decay) - pam_mul(lr, torch.sign(c)))
+        m.copy_(pam_mul(_f32(beta2), m) + pam_mul(_f32(1 - beta2), g))

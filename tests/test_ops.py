@@ -97,7 +97,7 @@ def test_grad_scales_multiply_the_gradient_and_nonfinite_counts_skips(ops, case)
     scaled = copy.deepcopy((params, [g * s for g, s in zip(grads, scales.tolist())], extras, *states, steps))
     ops.adamw_(*scaled[:5], scaled[5], ids, None, 3e-2, extra_bits, 1234, *hyper)
     args = (params, grads, extras, states[0], states[1], steps, ids, None, 3e-2, extra_bits, 1234, *hyper)
-    _check(ops.adamw_.default, copy.deepcopy(args) + (scales, counts.clone()))
+    _check(ops.adamw_.default, copy.deepcopy(args) + ("ieee", scales, counts.clone()))
     ops.adamw_(*args, grad_scales=scales, nonfinite=counts)
     for got, want in zip(params + states[0] + states[1], scaled[0] + scaled[3] + scaled[4]):
         assert torch.equal(bits(got), bits(want))

@@ -14,7 +14,7 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
-template <class Rule, class P, class S>
+template <class Rule, class P, class S, class M>
 void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   using PS = typename P::storage;
   using SS = typename S::storage;
@@ -35,7 +35,7 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     const float grad_scale = L.grad_scales ? L.grad_scales->data_ptr<float>()[i] : 1.0f;
     std::atomic<int64_t> skipped{0};
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      const int64_t k = run_chunk<Rule, P, S>(sc, stream, grad_scale, begin, end, w, g, ext, s0, s1);
+      const int64_t k = run_chunk<Rule, P, S, M>(sc, stream, grad_scale, begin, end, w, g, ext, s0, s1);
       if (k != 0) skipped.fetch_add(k, std::memory_order_relaxed);
     });
     if (L.nonfinite) L.nonfinite->data_ptr<int64_t>()[i] += skipped.load();
@@ -46,8 +46,11 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
 
 template <class Rule>
 void CpuBackend::run(const StepLists& L, const typename Rule::Hyper& h) {
-  dispatch_storage(L, [&](auto ptag, auto stag) {
-    run_typed<Rule, typename decltype(ptag)::type, typename decltype(stag)::type>(L, h);
+  dispatch_arithmetic(L, [&](auto mtag) {
+    dispatch_storage(L, [&](auto ptag, auto stag) {
+      run_typed<Rule, typename decltype(ptag)::type, typename decltype(stag)::type, typename decltype(mtag)::type>(
+          L, h);
+    });
   });
 }
 

@@ -20,7 +20,7 @@ namespace {
 
 bool vector_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % gpu::kVectorAlign == 0; }
 
-template <class Rule, class P, class S>
+template <class Rule, class P, class S, class M>
 void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   int64_t num_slots = 0;
   for (const at::Tensor& p : L.params) num_slots += p.numel() > 0 ? 1 : 0;
@@ -69,7 +69,7 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   args.lr = L.lr_tensor ? L.lr_tensor->const_data_ptr<float>() : nullptr;
   args.lr_value = static_cast<float>(L.lr);
   args.seed = static_cast<uint64_t>(L.seed);
-  const cudaError_t err = gpu::launch_step<Rule, P, S>(args, h, stream.stream());
+  const cudaError_t err = gpu::launch_step<Rule, P, S, M>(args, h, stream.stream());
   TORCH_CHECK(err == cudaSuccess, "fusedwarm: launching the CUDA step kernel on ", device, " failed: ",
               cudaGetErrorString(err));
 }
@@ -78,8 +78,11 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
 
 template <class Rule>
 void CudaBackend::run(const StepLists& L, const typename Rule::Hyper& h) {
-  dispatch_storage(L, [&](auto ptag, auto stag) {
-    run_typed<Rule, typename decltype(ptag)::type, typename decltype(stag)::type>(L, h);
+  dispatch_arithmetic(L, [&](auto mtag) {
+    dispatch_storage(L, [&](auto ptag, auto stag) {
+      run_typed<Rule, typename decltype(ptag)::type, typename decltype(stag)::type, typename decltype(mtag)::type>(
+          L, h);
+    });
   });
 }
 

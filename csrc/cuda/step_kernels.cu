@@ -40,7 +40,7 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T>& r) {
 }
 
 // One tensor of the launch as seen by one thread: typed pointers plus the step's scalars.
-template <class Rule, class P, class S>
+template <class Rule, class P, class S, class M>
 struct SlotUpdate {
   using W = typename P::storage;
   using St = typename S::storage;
@@ -80,7 +80,7 @@ struct SlotUpdate {
     St s0{}, s1{};
     if constexpr (kStates > 0) s0 = state0[k];
     if constexpr (kStates > 1) s1 = state1[k];
-    const bool ok = fw::update_element<Rule, P, S>(scalars, stream, static_cast<uint64_t>(k), param[k], e, grad[k],
+    const bool ok = fw::update_element<Rule, P, S, M>(scalars, stream, static_cast<uint64_t>(k), param[k], e, grad[k],
                                                    grad_scale, s0, s1);
     if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
     if constexpr (kStates > 0) state0[k] = s0;
@@ -104,7 +104,7 @@ struct SlotUpdate {
     for (int i = 0; i < kPack; ++i) {
       int32_t e = 0;
       if constexpr (kExtra) e = x.v[i];
-      const bool ok = fw::update_element<Rule, P, S>(scalars, stream, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i],
+      const bool ok = fw::update_element<Rule, P, S, M>(scalars, stream, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i],
                                                      grad_scale, s0.v[i], s1.v[i]);
       if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
       skipped += ok ? 0 : 1;
@@ -156,7 +156,7 @@ __device__ __forceinline__ int64_t find_slot(const TensorSlot* slots, int64_t co
 // Block b takes the b-th of gridDim.x near-equal contiguous ranges of tiles (the grid never has
 // more blocks than tiles), so the one binary search per block is followed by a forward walk
 // through the slots it spans.
-template <class Rule, class P, class S>
+template <class Rule, class P, class S, class M>
 __global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, const typename Rule::Hyper hyper) {
   const int64_t blocks = gridDim.x;
   const int64_t b = blockIdx.x;
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, cons
   const float lr = a.lr != nullptr ? *a.lr : a.lr_value;
   for (int64_t s = find_slot(a.slots, a.num_slots, tile); tile < end; ++s) {
     const TensorSlot t = a.slots[s];
-    const SlotUpdate<Rule, P, S> u(t, hyper, lr, a.seed);
+    const SlotUpdate<Rule, P, S, M> u(t, hyper, lr, a.seed);
     const int64_t slot_end = t.first_tile + tiles_of(t.numel);
     const int64_t stop = slot_end < end ? slot_end : end;
     int skipped = 0;
@@ -181,10 +181,10 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, cons
 
 }  // namespace
 
-template <class Rule, class P, class S>
+template <class Rule, class P, class S, class M>
 cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hyper, cudaStream_t stream) {
   if (args.num_tiles == 0) return cudaSuccess;
-  const auto kernel = step_kernel<Rule, P, S>;
+  const auto kernel = step_kernel<Rule, P, S, M>;
   // As many blocks as can be resident at once: each then walks its range of tiles in a single
   // wave, and the grid stays far below gridDim.x's limit whatever the number of elements.
   int device = 0, sms = 0, per_sm = 0;
@@ -207,8 +207,9 @@ using F16K8 = fw::ParamHalf<fw::F16Format, 8>;
 using F16K16 = fw::ParamHalf<fw::F16Format, 16>;
 }  // namespace
 
-#define FW_INSTANTIATE(Rule, P, S) \
-  template cudaError_t launch_step<Rule, P, S>(const LaunchArgs&, const Rule::Hyper&, cudaStream_t);
+#define FW_INSTANTIATE(Rule, P, S)                                                                   \
+  template cudaError_t launch_step<Rule, P, S, fw::Ieee>(const LaunchArgs&, const Rule::Hyper&, cudaStream_t); \
+  template cudaError_t launch_step<Rule, P, S, fw::Pam>(const LaunchArgs&, const Rule::Hyper&, cudaStream_t);
 #define FW_INSTANTIATE_STATES(Rule, P)   \
   FW_INSTANTIATE(Rule, P, fw::StateF32) \
   FW_INSTANTIATE(Rule, P, fw::StateBF16)

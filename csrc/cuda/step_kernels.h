@@ -52,8 +52,8 @@ struct LaunchArgs {
 // Enqueues one step of Rule on `stream` for every slot and returns the launch status. Nothing
 // is synchronized: lr and the steps are read on the device when the kernel runs. Instantiated
 // for every Rule, every ParamF32 / ParamHalf<BF16Format|F16Format, 0|8|16>, and StateF32 /
-// StateBF16.
-template <class Rule, class P, class S>
+// StateBF16, and both arithmetic policies M (fw::Ieee, fw::Pam).
+template <class Rule, class P, class S, class M>
 cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hyper, cudaStream_t stream);
 
 }  // namespace gpu

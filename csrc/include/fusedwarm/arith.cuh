@@ -1,7 +1,8 @@
 // Arithmetic policies for the update rules.
 //
 // Every per-element update in update.cuh is written against a policy, so that the same rule
-// can later run with piecewise-affine arithmetic (Kosson & Jaggi 2023) by swapping the policy.
+// runs with piecewise-affine arithmetic (Kosson & Jaggi 2023; the Pam policy in pam.cuh) by
+// swapping the policy. The per-tensor scalars (Rule::scalars) always use Ieee.
 //
 // Ieee: single IEEE-754 binary32 operations, each rounded to nearest even. On the device the
 // explicit _rn intrinsics forbid FMA contraction whatever nvcc's --fmad setting is; the host
@@ -48,6 +49,8 @@ struct Ieee {
     return __builtin_sqrtf(a);
 #endif
   }
+  // x * pow2 for a power of two pow2 where the product is exact (float16 rebiasing in bits.cuh).
+  static FW_HD float scale_pow2(float x, float pow2) { return mul(x, pow2); }
 };
 
 // b**n for an integer n >= 0 by repeated squaring, with the policy's multiply: the bias

@@ -27,7 +27,7 @@
 // (Zamirai et al. 2020, "Revisiting BFloat16 Training"): round up with probability equal to the
 // dropped fraction, so the expected stored value equals the exact one.
 #pragma once
-#include "config.cuh"
+#include "arith.cuh"
 
 namespace fw {
 
@@ -86,19 +86,17 @@ FW_HD uint32_t encode_magnitude(uint32_t abs_bits, uint32_t rnd) {
 // Value of a magnitude pattern with EB exponent bits and N <= 23 mantissa bits, as fp32 (exact).
 // The pattern shifted into fp32's bit positions is the value scaled by 2^(bias - 127) (for a
 // zero exponent field, an fp32 subnormal with the same scaling), so one multiply by a power of
-// two, exact for these operands, rebiases it; only infinity and NaN need a select.
-template <int EB, int N>
+// two, exact for these operands, rebiases it; only infinity and NaN need a select. The multiply
+// is the arithmetic policy's scale_pow2: an IEEE multiply for Ieee, an integer exponent add for
+// Pam (pam.cuh), both exact, so the two policies decode identically.
+template <int EB, int N, class M = Ieee>
 FW_HD float decode_magnitude(uint32_t x) {
   constexpr int kBias = (1 << (EB - 1)) - 1;
   constexpr uint32_t kExpMax = (1u << EB) - 1u;
   const float shifted = bits_float(x << (23 - N));
   if (EB == 8) return shifted;
   const float scale = bits_float(static_cast<uint32_t>(127 + 127 - kBias) << 23);
-#if defined(__CUDA_ARCH__)
-  const float value = __fmul_rn(shifted, scale);
-#else
-  const float value = shifted * scale;
-#endif
+  const float value = M::scale_pow2(shifted, scale);
   const float special = bits_float((x & ((1u << N) - 1u)) ? 0x7FC00000u : 0x7F800000u);
   return (x >> N) == kExpMax ? special : value;
 }
@@ -113,9 +111,9 @@ FW_HD uint16_t half_bits_from_float_sr(float x, uint32_t rnd) {
 // Puts the sign bit of a 16-bit pattern onto a non-negative fp32 magnitude.
 FW_HD float with_half_sign(float mag, uint32_t h) { return bits_float(float_bits(mag) | ((h & 0x8000u) << 16)); }
 
-template <class F>
+template <class F, class M = Ieee>
 FW_HD float half_bits_to_float(uint16_t h) {
-  return with_half_sign(decode_magnitude<F::EB, F::MB>(h & 0x7FFFu), h);
+  return with_half_sign(decode_magnitude<F::EB, F::MB, M>(h & 0x7FFFu), h);
 }
 
 // Master weight codec for a half-precision weight format F with K extra bits.
@@ -126,9 +124,10 @@ struct MasterCodec {
   // True when writing a fp32 value into the master can drop bits (so random bits are needed).
   static constexpr bool kLossy = !(F::EB == 8 && N == 23);
 
+  template <class M = Ieee>
   static FW_HD float decode(uint16_t w, int32_t e) {
     const uint32_t x = (static_cast<uint32_t>(w & 0x7FFFu) << D) + static_cast<uint32_t>(e);
-    return with_half_sign(decode_magnitude<F::EB, N>(x), w);
+    return with_half_sign(decode_magnitude<F::EB, N, M>(x), w);
   }
 
   // Writes the master `v` (finite) as visible weight w and extra bits e.

@@ -5,6 +5,7 @@
 #pragma once
 #include "arith.cuh"
 #include "bits.cuh"
+#include "pam.cuh"
 #include "philox.cuh"
 
 namespace fw {
@@ -27,8 +28,14 @@ struct ParamF32 {
   using extra_storage = ExtraStorage<0>::type;
   static constexpr int K = 0;
   static constexpr bool kLossy = false;
-  static FW_HD float grad(float g) { return g; }
-  static FW_HD float load(float w, int32_t) { return w; }
+  template <class M>
+  static FW_HD float grad(float g) {
+    return g;
+  }
+  template <class M>
+  static FW_HD float load(float w, int32_t) {
+    return w;
+  }
   static FW_HD void store(float v, uint32_t, float& w, int32_t&) { w = v; }
 };
 
@@ -40,8 +47,15 @@ struct ParamHalf {
   using Codec = MasterCodec<F, K_>;
   static constexpr int K = K_;
   static constexpr bool kLossy = Codec::kLossy;
-  static FW_HD float grad(uint16_t g) { return half_bits_to_float<F>(g); }
-  static FW_HD float load(uint16_t w, int32_t e) { return Codec::decode(w, e); }
+  // M decides how float16 values are rebiased (bits.cuh, decode_magnitude): exactly either way.
+  template <class M>
+  static FW_HD float grad(uint16_t g) {
+    return half_bits_to_float<F, M>(g);
+  }
+  template <class M>
+  static FW_HD float load(uint16_t w, int32_t e) {
+    return Codec::template decode<M>(w, e);
+  }
   static FW_HD void store(float v, uint32_t rnd, uint16_t& w, int32_t& e) { Codec::encode(v, rnd, w, e); }
 };
 
@@ -219,9 +233,9 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint64_t stream, uin
                           int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
                           typename S::storage& s1) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
-  const float gf = M::mul(P::grad(g), grad_scale);
+  const float gf = M::mul(P::template grad<M>(g), grad_scale);
   const bool ok = is_finite(gf);
-  float p = P::load(w, e);
+  float p = P::template load<M>(w, e);
   float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
   float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
   Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
