@@ -1,5 +1,7 @@
-"""Renders the committed step-benchmark results as markdown and, with ``--update-readme``, writes
-them into README.md between the ``<!-- step-results:begin -->`` / ``end`` markers, so the
+"""Renders the committed benchmark results as markdown and, with ``--update-readme``, writes them
+into README.md between markers: the step benchmark between ``<!-- step-results:begin -->`` /
+``end``, the training-loop benchmark's table (``train_loop_cpu.md``, written by
+``benchmarks/train_loop.py``) between ``<!-- train-loop-results:begin -->`` / ``end``; so the
 README's numbers always come from a result file."""
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-BEGIN, END = "<!-- step-results:begin -->", "<!-- step-results:end -->"
 
 
 def render(path: Path) -> str:
@@ -40,20 +41,28 @@ def render(path: Path) -> str:
     return "\n".join(lines)
 
 
+def replace_block(content: str, name: str, text: str) -> str:
+    """``content`` with the text between ``<!-- {name}:begin -->`` and ``<!-- {name}:end -->`` replaced."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{text}\n{end}{tail}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, default=RESULTS / "step_cpu.json")
+    parser.add_argument("--train-loop", type=Path, default=RESULTS / "train_loop_cpu.md")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     text = render(args.results.resolve())
+    train_loop = args.train_loop.read_text().strip()
     if not args.update_readme:
-        print(text)
+        print(text, train_loop, sep="\n\n")
         return
     readme = ROOT / "README.md"
-    content = readme.read_text()
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    content = replace_block(readme.read_text(), "step-results", text)
+    readme.write_text(replace_block(content, "train-loop-results", train_loop))
 
 
 if __name__ == "__main__":
