@@ -1017,6 +1017,8 @@ class AdamW(FusedOptimizer):
         _check_nonneg("weight_decay", group["weight_decay"])
         if group.get("v_init", "zero") not in V_INITS:
             raise ValueError(f"Invalid v_init: {group['v_init']!r} (expected one of {V_INITS})")
+        if group.get("warmup") == "radam" and not group["betas"][1] > 0.6:
+            raise ValueError(f"warmup='radam' needs beta2 > 0.6 (rho_inf > 4), got {group['betas'][1]!r}")
         if group.get("v_init") == "grad" and group.get("warmup") == "radam":
             raise ValueError("v_init='grad' and warmup='radam' both correct the zero-initialized second moment; "
                              "choose one")

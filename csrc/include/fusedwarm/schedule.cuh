@@ -119,16 +119,52 @@ struct Factors {
 // learning rate is intractable and the step is un-adapted momentum SGD (the paper's fallback; 5
 // is torch.optim.RAdam's threshold); afterwards the adaptive step is multiplied by
 // r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t)).
+//
+// In float32 the textbook form cancels catastrophically (rho_t ~ 5 is the difference of two
+// numbers ~ 2 / (1 - beta2)). With G = sum_{j<t} beta2^j = (1 - beta2^t) / (1 - beta2) and
+// K = sum_{j<t} (j + 1) beta2^j one has G - t beta2^t = (1 - beta2) K, hence exactly
+//   rho_t = 2 K / G - 1,
+// and G, K are sums of positive terms, built by doubling in O(log t) (see geometric_sums).
+struct GeometricSums {
+  float power;  // beta^n
+  float g;      // sum_{j<n} beta^j
+  float k;      // sum_{j<n} (j + 1) beta^j
+};
+
+// The sums for n terms, by binary decomposition of n: a block of a terms followed by one of b
+// terms has power P_a P_b, G_a + P_a G_b and K_a + P_a (K_b + a G_b).
+FW_HD GeometricSums geometric_sums(float beta, int64_t n) {
+  using M = Ieee;
+  GeometricSums acc{1.0f, 0.0f, 0.0f}, block{beta, 1.0f, 1.0f};
+  float acc_n = 0.0f, block_n = 1.0f;
+  while (n > 0) {
+    if (n & 1) {
+      acc.k = M::add(acc.k, M::mul(acc.power, M::add(block.k, M::mul(acc_n, block.g))));
+      acc.g = M::add(acc.g, M::mul(acc.power, block.g));
+      acc.power = M::mul(acc.power, block.power);
+      acc_n = M::add(acc_n, block_n);
+    }
+    block.k = M::add(block.k, M::mul(block.power, M::add(block.k, M::mul(block_n, block.g))));
+    block.g = M::add(block.g, M::mul(block.power, block.g));
+    block.power = M::mul(block.power, block.power);
+    block_n = M::add(block_n, block_n);
+    n >>= 1;
+  }
+  return acc;
+}
+
+// rho_inf is the limit of 2 K / G - 1 for the float beta2 itself (1 - beta2 is exact in float for
+// beta2 >= 1/2), so that r_t -> 1; r_t <= 1 holds exactly and is enforced against rounding.
 FW_HD void radam_factor(float beta2, int64_t step, float& r, float& adaptive) {
   using M = Ieee;
   const float rho_inf = M::sub(M::div(2.0f, M::sub(1.0f, beta2)), 1.0f);
-  const float b2t = powi<M>(beta2, step);
-  const float t = static_cast<float>(step);
-  const float rho_t = M::sub(rho_inf, M::div(M::mul(M::mul(2.0f, t), b2t), M::sub(1.0f, b2t)));
+  const GeometricSums s = geometric_sums(beta2, step);
+  const float rho_t = M::sub(M::div(M::mul(2.0f, s.k), s.g), 1.0f);
   const bool tractable = rho_t > 5.0f;
   const float num = M::mul(M::mul(M::sub(rho_t, 4.0f), M::sub(rho_t, 2.0f)), rho_inf);
   const float den = M::mul(M::mul(M::sub(rho_inf, 4.0f), M::sub(rho_inf, 2.0f)), rho_t);
-  r = tractable ? M::sqrt(M::div(num, den)) : 1.0f;
+  const float rect = M::sqrt(M::div(num, den));
+  r = tractable ? (rect < 1.0f ? rect : 1.0f) : 1.0f;
   adaptive = tractable ? 1.0f : 0.0f;
 }
 
