@@ -321,6 +321,36 @@ def test_op_rejects_bad_schedule_arguments(op, kw, match):
     assert torch.equal(p, before)
 
 
+# ---- operator surface --------------------------------------------------------------------------
+
+
+def test_schedule_ops_pass_opcheck():
+    steps = torch.randint(0, 500, (3, 5))
+    for op, args in [
+        (_ops.load().schedule_factors.default, (steps, 0.99)),
+        (_ops.load().schedule_math.default, (-torch.rand(17) * 50, "exp_neg")),
+        (_ops.load().schedule_math.default, (torch.rand(17), "cospi")),
+    ]:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+    kw = dict(warmup="radam", **schedules.WSD(400, 0.5, "cosine", 0.1).op_args())
+    result = torch.library.opcheck(_ops.load().schedule_factors.default, (steps, 0.99), kw)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    assert _factors(steps, 0.99, **kw).shape == (3, 5, 4)
+
+
+def test_step_op_with_schedule_passes_opcheck():
+    seed_all("opcheck-schedule")
+    n = 37
+    args = ([torch.randn(n).bfloat16()], [torch.randn(n).bfloat16()], [torch.randint(-100, 100, (n,), dtype=torch.int16)],
+            [torch.randn(n) * 0.1], [torch.rand(n) * 0.1], [torch.tensor(3)], [0], None, 1e-3, 16, 7, 0.9, 0.99,
+            1e-8, 0.1, False)
+    kw = dict(warmup="linear", warmup_steps=10, warmup_start=0.1, v_init="grad",
+              **schedules.WSD(20, 0.5, "1-sqrt", 0.1).op_args())
+    result = torch.library.opcheck(_ops.load().adamw_.default, args, kw)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
 # ---- CUDA --------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -333,6 +363,32 @@ def test_cuda_factors_match_cpu_bit_for_bit(case):
     cpu = _factors(steps, **_op_kwargs(case))
     gpu = _factors(steps.cuda(), **_op_kwargs(case))
     assert torch.equal(cpu.view(torch.int32), gpu.cpu().view(torch.int32))
+
+
+CUDA_RUNS = {
+    "adamw-radam-wsd": ("AdamW", dict(warmup="radam", betas=(0.9, 0.999), schedule=schedules.WSD(40, 0.5))),
+    "adamw-v_init-untuned-exp-cosine": ("AdamW", dict(v_init="grad", warmup="untuned-exp",
+                                                      schedule=schedules.Cosine(40, 0.1))),
+    "sgd-linear-wsd-cosine": ("SGD", dict(warmup="linear", warmup_steps=7, schedule=schedules.WSD(40, 0.3, "cosine"))),
+    "lion-untuned-wsd-linear": ("Lion", dict(schedule=schedules.WSD(40, 0.3, "linear", 0.2))),
+}
+
+
+@cuda
+@pytest.mark.parametrize("name,kw", CUDA_RUNS.values(), ids=CUDA_RUNS.keys())
+def test_cuda_optimizer_with_schedule_matches_cpu(name, kw):
+    seed_all("cuda-schedule", name, repr(kw))
+    init = torch.randn(3000)
+    grads = [torch.randn(3000).to(torch.bfloat16) for _ in range(45)]
+    masters = []
+    for device in ("cpu", "cuda"):
+        p = torch.nn.Parameter(init.to(device, torch.bfloat16))
+        opt = getattr(fusedwarm, name)([p], **{**HYPER[name], **kw, "seed": 9})
+        for g in grads:
+            p.grad = g.to(device)
+            opt.step()
+        masters.append(opt.master_weight(p).cpu())
+    assert torch.equal(masters[0].view(torch.int32), masters[1].view(torch.int32))
 
 
 @cuda
