@@ -143,6 +143,21 @@ def test_long_run_matches_reference(name, kw):
         assert err <= LONG_RTOL, f"master rel. error {err:.3g}"
 
 
+def test_lr_scheduler_multiplies_on_top_of_the_schedule():
+    """A torch.optim.lr_scheduler changes the group's lr; the built-in factors multiply it."""
+    seed_all("lr-scheduler")
+    fused, fp, ref, rp = make_pair("AdamW", torch.bfloat16, [(9,), (4, 4)], 16, torch.float32,
+                                   schedule=schedules.WSD(300, 0.3, "cosine", 0.1))
+    lambdas = [torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1 / (1 + 0.01 * epoch)) for opt in (fused, ref)]
+    for _ in range(300):
+        feed_same_grads([(fused, fp), (ref, rp)], 1)
+        for sched in lambdas:
+            sched.step()
+    for p, q in zip(fp, rp):
+        err = rel_err(fused.master_weight(p), ref.master_weight(q))
+        assert err <= LONG_RTOL, f"master rel. error {err:.3g}"
+
+
 def test_reference_radam_is_torch_radam():
     """The reference's warmup='radam' (weight decay 0) is torch.optim.RAdam, fallback steps included."""
     seed_all("radam-torch")
@@ -389,6 +404,21 @@ def test_cuda_optimizer_with_schedule_matches_cpu(name, kw):
             opt.step()
         masters.append(opt.master_weight(p).cpu())
     assert torch.equal(masters[0].view(torch.int32), masters[1].view(torch.int32))
+
+
+@cuda
+def test_cuda_last_factors_never_sync():
+    p = torch.nn.Parameter(torch.randn(100, device="cuda"))
+    opt = fusedwarm.AdamW([p], lr=torch.tensor(1e-3, device="cuda"), schedule=schedules.Cosine(100))
+    p.grad = torch.randn_like(p)
+    opt.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        factors = opt.last_factors()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(t.is_cuda for t in factors[0].values())
+    assert factors[0]["warmup"].item() == pytest.approx(1 / 2000)
 
 
 @cuda
