@@ -35,6 +35,54 @@ bool parse_arithmetic(const char* op, c10::string_view arithmetic) {
   return arithmetic == "pam";
 }
 
+fw::Schedule parse_schedule(const char* op, c10::string_view warmup, int64_t warmup_steps, double warmup_start,
+                            int64_t total_steps, int64_t decay_steps, c10::string_view decay_shape,
+                            double final_fraction, std::optional<double> beta2, bool radam) {
+  fw::Schedule s = fw::constant_schedule();
+  const std::string w(warmup);
+  TORCH_CHECK(w == "none" || w == "linear" || w == "untuned" || w == "untuned-exp" || w == "radam", "fusedwarm.", op,
+              ": warmup must be 'none', 'linear', 'untuned', 'untuned-exp' or 'radam', got '", w, "'");
+  TORCH_CHECK(beta2 || (w != "untuned" && w != "untuned-exp"), "fusedwarm.", op, ": warmup='", w,
+              "' derives its length from beta2, which this rule does not have; use 'linear' or 'none'");
+  TORCH_CHECK(radam || w != "radam", "fusedwarm.", op,
+              ": warmup='radam' rectifies Adam's second moment, which this rule does not have");
+  if (w == "linear") {
+    TORCH_CHECK(warmup_steps > 0, "fusedwarm.", op, ": warmup='linear' needs warmup_steps > 0, got ", warmup_steps);
+    TORCH_CHECK(warmup_start >= 0.0 && warmup_start <= 1.0, "fusedwarm.", op,
+                ": warmup_start must be in [0, 1], got ", warmup_start);
+    s.warmup = fw::kWarmupLinear;
+    s.warmup_steps = static_cast<float>(warmup_steps);
+    s.warmup_start = static_cast<float>(warmup_start);
+  } else if (w == "untuned") {
+    s.warmup = fw::kWarmupLinear;
+    s.warmup_steps = static_cast<float>(2.0 / (1.0 - *beta2));
+    s.warmup_start = 0.0f;
+  } else if (w == "untuned-exp") {
+    s.warmup = fw::kWarmupExp;
+    s.warmup_rate = static_cast<float>(1.0 - *beta2);
+  } else if (w == "radam") {
+    TORCH_CHECK(*beta2 > 0.6, "fusedwarm.", op, ": warmup='radam' needs beta2 > 0.6 (rho_inf > 4), got ", *beta2);
+    s.warmup = fw::kWarmupRAdam;
+    s.beta2 = static_cast<float>(*beta2);
+  }
+  const std::string d(decay_shape);
+  TORCH_CHECK(d == "none" || d == "linear" || d == "1-sqrt" || d == "cosine", "fusedwarm.", op,
+              ": decay_shape must be 'none', 'linear', '1-sqrt' or 'cosine', got '", d, "'");
+  TORCH_CHECK(total_steps >= 0, "fusedwarm.", op, ": total_steps must be >= 0, got ", total_steps);
+  TORCH_CHECK(decay_steps >= 0 && decay_steps <= total_steps, "fusedwarm.", op,
+              ": decay_steps must be in [0, total_steps=", total_steps, "], got ", decay_steps);
+  TORCH_CHECK(final_fraction >= 0.0 && final_fraction <= 1.0, "fusedwarm.", op,
+              ": final_fraction must be in [0, 1], got ", final_fraction);
+  if (d != "none") {
+    TORCH_CHECK(decay_steps > 0, "fusedwarm.", op, ": decay_shape='", d, "' needs decay_steps > 0");
+    s.decay_shape = d == "linear" ? fw::kDecayLinear : (d == "1-sqrt" ? fw::kDecaySqrt : fw::kDecayCosine);
+    s.total_steps = total_steps;
+    s.decay_steps = decay_steps;
+    s.final_fraction = static_cast<float>(final_fraction);
+  }
+  return s;
+}
+
 namespace {
 
 void check_dense(const char* op, const char* list, size_t i, const at::Tensor& t, const at::Tensor& p) {
@@ -163,6 +211,44 @@ at::Tensor master_weight_any(const at::Tensor& param, const at::Tensor& extra, i
   return master_weight_cpu(param.cpu(), extra_bits > 0 ? extra.cpu() : extra, extra_bits).to(param.device());
 }
 
+// The factors of fw::factors (schedule.cuh) for a tensor of step counters: float32 [..., 4]
+// holding warmup, schedule, their product (lr's multiplier) and the adaptive flag (0 during
+// RAdam's fallback). `beta2` is ignored where the warmup does not use it.
+at::Tensor schedule_factors_cpu(const at::Tensor& steps, double beta2, FW_SCHEDULE_PARAMS) {
+  TORCH_CHECK(steps.scalar_type() == at::kLong, "fusedwarm.schedule_factors: steps must be int64, got ",
+              steps.scalar_type());
+  const fw::Schedule s = parse_schedule("schedule_factors", FW_SCHEDULE_ARGS, beta2, true);
+  const at::Tensor c = steps.contiguous();
+  std::vector<int64_t> shape = c.sizes().vec();
+  shape.push_back(4);
+  at::Tensor out = at::empty(shape, c.options().dtype(at::kFloat));
+  const int64_t* in = c.const_data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    const fw::Factors f = fw::factors(s, in[i]);
+    o[4 * i] = f.warmup;
+    o[4 * i + 1] = f.schedule;
+    o[4 * i + 2] = f.lr;
+    o[4 * i + 3] = f.adaptive;
+  }
+  return out;
+}
+
+// The layer-1 transcendental helpers, elementwise on float32, for tests against libm:
+// fn = "exp_neg" (e^x, x <= 0) or "cospi" (cos(pi u), u in [0, 1]).
+at::Tensor schedule_math_cpu(const at::Tensor& x, c10::string_view fn) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "fusedwarm.schedule_math: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(fn == "exp_neg" || fn == "cospi", "fusedwarm.schedule_math: fn must be 'exp_neg' or 'cospi', got '",
+              std::string(fn), "'");
+  const at::Tensor c = x.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const float* in = c.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const bool is_exp = fn == "exp_neg";
+  for (int64_t i = 0; i < c.numel(); ++i) o[i] = is_exp ? fw::exp_neg(in[i]) : fw::cospi(in[i]);
+  return out;
+}
+
 // Philox4x32-10 of counters [N, 4] (int64 holding uint32 words) with a 64-bit key: the
 // generator of update.cuh, exposed so tests can check it against published answers.
 at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key) {
@@ -188,22 +274,29 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key) {
 
 }  // namespace
 
+// The schedule arguments every step op takes last (schedule.cuh; defaults: no warmup, no decay).
+#define FW_SCHEDULE_SCHEMA                                                                            \
+  "str warmup=\"none\", int warmup_steps=0, float warmup_start=0., int total_steps=0, int decay_steps=0, " \
+  "str decay_shape=\"none\", float final_fraction=0."
+
 TORCH_LIBRARY(fusedwarm, m) {
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, "
       "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize, str arithmetic=\"ieee\", "
-      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None) -> ()");
+      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", str v_init=\"zero\") -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] momentum_buffers, "
       "Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, str arithmetic=\"ieee\", "
-      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None) -> ()");
+      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ") -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, Tensor[] steps, "
       "int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float beta1, float beta2, "
       "float weight_decay, bool maximize, str arithmetic=\"ieee\", Tensor? grad_scales=None, "
-      "Tensor(e!)? nonfinite=None) -> ()");
+      "Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ") -> ()");
+  m.def("schedule_factors(Tensor steps, float beta2, " FW_SCHEDULE_SCHEMA ") -> Tensor");
+  m.def("schedule_math(Tensor x, str fn) -> Tensor");
   m.def("master_weight(Tensor param, Tensor extra, int extra_bits) -> Tensor");
   m.def("philox4x32(Tensor counters, int key) -> Tensor");
   // Piecewise-affine arithmetic (Kosson & Jaggi 2023; pam.cuh): float32 in, float32 out.
@@ -220,6 +313,8 @@ TORCH_LIBRARY_IMPL(fusedwarm, CPU, m) {
   m.impl("sgd_", &OpImpls<CpuBackend>::sgd_);
   m.impl("lion_", &OpImpls<CpuBackend>::lion_);
   m.impl("philox4x32", &philox4x32_cpu);
+  m.impl("schedule_factors", &schedule_factors_cpu);
+  m.impl("schedule_math", &schedule_math_cpu);
   m.impl("pam_mul", &PamImpls<PamCpu>::mul);
   m.impl("pam_div", &PamImpls<PamCpu>::div);
   m.impl("pam_sqrt", &PamImpls<PamCpu>::sqrt);

@@ -12,6 +12,20 @@ StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::Tenso
                           const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                           const std::optional<at::Tensor>& grad_scales, const std::optional<at::Tensor>& nonfinite);
 
+// The schedule arguments of an op (appended to every step op's schema), checked, as the layer-1
+// fw::Schedule. `beta2` is the rule's second-moment (AdamW) or momentum (Lion) EMA coefficient,
+// which "untuned" and "untuned-exp" derive their length from, or nullopt when the rule has none
+// (SGD); `radam` says whether the rule has the second moment that "radam" rectifies.
+fw::Schedule parse_schedule(const char* op, c10::string_view warmup, int64_t warmup_steps, double warmup_start,
+                            int64_t total_steps, int64_t decay_steps, c10::string_view decay_shape,
+                            double final_fraction, std::optional<double> beta2, bool radam);
+
+// Schedule arguments in schema order, as each op receives them.
+#define FW_SCHEDULE_PARAMS                                                                               \
+  c10::string_view warmup, int64_t warmup_steps, double warmup_start, int64_t total_steps, int64_t decay_steps, \
+      c10::string_view decay_shape, double final_fraction
+#define FW_SCHEDULE_ARGS warmup, warmup_steps, warmup_start, total_steps, decay_steps, decay_shape, final_fraction
+
 template <class Backend>
 struct OpImpls {
   static void adamw_(at::TensorList params, at::TensorList grads, at::TensorList extras, at::TensorList exp_avgs,
@@ -19,7 +33,11 @@ struct OpImpls {
                      const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                      double beta1, double beta2, double eps, double weight_decay, bool maximize,
                      c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                     const std::optional<at::Tensor>& nonfinite) {
+                     const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, c10::string_view v_init) {
+    TORCH_CHECK(v_init == "zero" || v_init == "grad", "fusedwarm.adamw_: v_init must be 'zero' or 'grad', got '",
+                std::string(v_init), "'");
+    TORCH_CHECK(!(v_init == "grad" && warmup == "radam"), "fusedwarm.adamw_: v_init='grad' and warmup='radam' ",
+                "cannot be combined: both correct the zero-initialized second moment, choose one");
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs, exp_avg_sqs}, steps, tensor_ids, lr_tensor,
                                   lr, extra_bits, seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("adamw_", arithmetic);
@@ -27,7 +45,9 @@ struct OpImpls {
     const fw::AdamW::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                              static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
                              static_cast<float>(eps),         static_cast<float>(weight_decay),
-                             maximize};
+                             maximize,
+                             v_init == "grad",
+                             parse_schedule("adamw_", FW_SCHEDULE_ARGS, beta2, true)};
     Backend::template run<fw::AdamW>(L, h);
   }
 
@@ -36,10 +56,11 @@ struct OpImpls {
                    const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                   const std::optional<at::Tensor>& nonfinite) {
+                   const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS) {
     const bool pam = parse_arithmetic("sgd_", arithmetic);
     const fw::SGD::Hyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-                           static_cast<float>(weight_decay), nesterov, maximize};
+                           static_cast<float>(weight_decay), nesterov, maximize,
+                           parse_schedule("sgd_", FW_SCHEDULE_ARGS, std::nullopt, false)};
     if (momentum == 0.0) {
       StepLists L = make_step_lists(params, grads, extras, {}, steps, tensor_ids, lr_tensor, lr, extra_bits, seed,
                                     grad_scales, nonfinite);
@@ -59,14 +80,15 @@ struct OpImpls {
                     at::TensorList steps, at::IntArrayRef tensor_ids, const std::optional<at::Tensor>& lr_tensor,
                     double lr, int64_t extra_bits, int64_t seed, double beta1, double beta2, double weight_decay,
                     bool maximize, c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                    const std::optional<at::Tensor>& nonfinite) {
+                    const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS) {
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr, extra_bits,
                                   seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("lion_", arithmetic);
     check_step_lists("lion_", L, fw::Lion::kStates);
     const fw::Lion::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                             static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                            static_cast<float>(weight_decay), maximize};
+                            static_cast<float>(weight_decay), maximize,
+                            parse_schedule("lion_", FW_SCHEDULE_ARGS, beta2, false)};
     Backend::template run<fw::Lion>(L, h);
   }
 };

@@ -30,6 +30,14 @@ def _register_fakes() -> None:
     def _master_weight(param, extra, extra_bits):
         return torch.empty_like(param, dtype=torch.float32)
 
+    @torch.library.register_fake("fusedwarm::schedule_factors")
+    def _schedule_factors(steps, beta2, *schedule):
+        return steps.new_empty((*steps.shape, 4), dtype=torch.float32)
+
+    @torch.library.register_fake("fusedwarm::schedule_math")
+    def _schedule_math(x, fn):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("fusedwarm::philox4x32")
     def _philox(counters, key):
         return torch.empty_like(counters)

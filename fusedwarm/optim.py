@@ -37,6 +37,15 @@ then. The result is bit-identical to ``backward_step=False`` with the same seed 
 an already-updated parameter raises an error rather than updating twice); ``accumulate()`` keeps
 gradients for micro-batches; ``close()`` removes the hooks. Clipping (``max_grad_norm``, ``clip``)
 and loss scaling (``loss_scale``) happen inside the fused update, on the device, without host sync.
+
+Warmup and schedules (``warmup=``, ``schedule=``; :mod:`fusedwarm.schedules`) are closed forms of the
+step counter, evaluated inside the fused update on the device: update ``t`` uses
+``lr * warmup(t) * schedule(t)`` (``t = 1, 2, ...``), in the weight decay as in the step. The default
+is ``warmup="untuned"`` (Ma & Yarats 2021, *On the adequacy of untuned warmup for adaptive
+optimization*): linear over ``2 / (1 - beta2)`` updates for AdamW (2000 for ``beta2 = 0.999``), over
+``2 / (1 - beta2)`` updates of Lion's momentum EMA for Lion (200 for ``beta2 = 0.99``) and none for
+SGD, which has no EMA whose zero initialization it would cover. Pass ``warmup="none"`` for exactly
+``torch.optim``'s behaviour. :meth:`FusedOptimizer.last_factors` reads the factors as device tensors.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _ops
+from . import _ops, schedules
 
 __all__ = ["AdamW", "SGD", "Lion", "FusedOptimizer"]
 
@@ -168,6 +177,28 @@ def _check_arithmetic(arithmetic: Any) -> None:
         raise ValueError(f"Invalid arithmetic: {arithmetic!r} (expected one of {ARITHMETICS})")
 
 
+WARMUPS = ("untuned", "untuned-exp", "linear", "radam", "none")
+V_INITS = ("zero", "grad")
+
+
+def _check_warmup(opt: str, allowed: tuple[str, ...], group: dict[str, Any]) -> None:
+    warmup, steps, start = group["warmup"], group["warmup_steps"], group["warmup_start"]
+    if warmup not in WARMUPS:
+        raise ValueError(f"Invalid warmup: {warmup!r} (expected one of {WARMUPS})")
+    if warmup not in allowed:
+        raise ValueError(f"{opt} does not support warmup={warmup!r} (supported: {allowed})")
+    if warmup == "linear":
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ValueError(f"Invalid warmup_steps: {steps!r} (warmup='linear' needs an int > 0)")
+    elif steps is not None:
+        raise ValueError(f"warmup_steps={steps!r} is only used with warmup='linear', not warmup={warmup!r}")
+    if not isinstance(start, (int, float)) or isinstance(start, bool) or not 0.0 <= start <= 1.0:
+        raise ValueError(f"Invalid warmup_start: {start!r} (expected a number in [0, 1])")
+    if start != 0.0 and warmup != "linear":
+        raise ValueError(f"warmup_start={start!r} is only used with warmup='linear', not warmup={warmup!r}")
+    schedules.from_dict(group["schedule"])
+
+
 def _default_seed() -> int:
     """A seed drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
@@ -185,6 +216,7 @@ class FusedOptimizer(Optimizer):
     _op_name: str
     _hyper_names: tuple[str, ...]
     _op_states: tuple[str, ...]  # the operator's state-list arguments, in order
+    _warmups: tuple[str, ...]    # the warmups the rule supports
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *,
                  backward_step: bool = False, bucket_cap_mb: float = 25.0, max_grad_norm: float | None = None,
@@ -192,6 +224,8 @@ class FusedOptimizer(Optimizer):
         _check_common(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
         _check_driver(backward_step, bucket_cap_mb, max_grad_norm, clip, loss_scale)
         _check_arithmetic(defaults.get("arithmetic", "ieee"))
+        defaults["schedule"] = schedules.as_dict(defaults["schedule"])
+        _check_warmup(type(self).__name__, self._warmups, defaults)
         if defaults["seed"] is None:
             defaults["seed"] = _default_seed()
         self._options = dict(backward_step=backward_step, bucket_cap_mb=bucket_cap_mb, max_grad_norm=max_grad_norm,
@@ -268,6 +302,8 @@ class FusedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group, checking its parameters and options (see :class:`torch.optim.Optimizer`)."""
         if isinstance(param_group, dict):
+            if "schedule" in param_group:
+                param_group = {**param_group, "schedule": schedules.as_dict(param_group["schedule"])}
             self._check_group_options(param_group)
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
@@ -301,6 +337,7 @@ class FusedOptimizer(Optimizer):
         _check_common(merged.get("extra_bits", 16), merged.get("state_dtype"), merged.get("seed"))
         _check_arithmetic(merged.get("arithmetic", "ieee"))
         self._check_hyper(merged)
+        _check_warmup(type(self).__name__, self._warmups, merged)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -533,11 +570,48 @@ class FusedOptimizer(Optimizer):
             arithmetic=group.get("arithmetic", "ieee"),
             grad_scales=self._grad_scales(device, grads),
             nonfinite=skipped,
+            **self._schedule_args(group),
         )
         self._skips.append((params, skipped))
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
+
+    def _schedule_args(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The op's warmup and schedule arguments for ``group`` (and AdamW's ``v_init``)."""
+        warmup = group["warmup"]
+        if warmup == "untuned" and "betas" not in group:
+            warmup = "none"  # SGD: see the module docstring
+        return dict(warmup=warmup, warmup_steps=group["warmup_steps"] or 0,
+                    warmup_start=float(group["warmup_start"]),
+                    **schedules.from_dict(group["schedule"]).op_args())
+
+    def last_factors(self) -> list[dict[str, Tensor]]:
+        """The learning-rate factors of each param group's last update, as device tensors (no sync).
+
+        They are computed from the group's first parameter's step counter by the same header
+        functions the update kernel runs, so they are bit for bit what the update used (before the
+        first update: those of update 1).
+
+        Returns:
+            One dict per param group with 0-d float32 tensors on the group's device: ``"warmup"``,
+            ``"schedule"``, ``"lr"`` (the group's lr times both: the learning rate of the update)
+            and ``"adaptive"`` (0 during RAdam's momentum-SGD fallback, else 1).
+        """
+        out = []
+        for group in self.param_groups:
+            params = group["params"]
+            device = params[0].device if params else self._main_device()
+            step = next((self.state[p]["step"] for p in params if "step" in self.state.get(p, {})),
+                        torch.zeros((), dtype=torch.int64, device=device))
+            args = self._schedule_args(group)
+            args.pop("v_init", None)
+            beta2 = float(group["betas"][1]) if "betas" in group else 0.0
+            f = _ops.load().schedule_factors(step, beta2, **args)
+            lr = group["lr"]
+            lr = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else float(lr)
+            out.append({"warmup": f[0], "schedule": f[1], "lr": f[2] * lr, "adaptive": f[3]})
+        return out
 
     @staticmethod
     def _hyper_value(group: dict[str, Any], name: str) -> Any:
@@ -883,13 +957,27 @@ class AdamW(FusedOptimizer):
         arithmetic: ``"ieee"`` (float32 operations) or ``"pam"``: every per-element multiply, divide
             and square root of the update is piecewise-affine (Kosson & Jaggi 2023; see
             :mod:`fusedwarm.pam`), additions stay float32 and rounding/extra bits are integer
-            operations. The per-step scalars (bias corrections, ``1 - lr wd``, step size) are
-            float32 arithmetic either way.
+            operations. The per-step scalars (bias corrections, ``1 - lr wd``, step size, the
+            warmup and schedule factors) are float32 arithmetic either way.
+        warmup: ``"untuned"`` (default; linear over ``2 / (1 - beta2)`` updates, Ma & Yarats 2021),
+            ``"untuned-exp"`` (``1 - exp(-(1 - beta2) t)``, same paper), ``"linear"`` (from
+            ``warmup_start`` to 1 over ``warmup_steps`` updates), ``"radam"`` (RAdam's rectification
+            ``r_t``, Liu et al. 2019, with its fallback: while ``rho_t <= 5`` the update is momentum
+            SGD, ``p - lr m / (1 - beta1^t)``, as :class:`torch.optim.RAdam`) or ``"none"``
+            (exactly :class:`torch.optim.AdamW`).
+        warmup_steps: length of the ``"linear"`` warmup (only with it).
+        warmup_start: the ``"linear"`` warmup's factor at ``t = 0`` (update ``t`` gets
+            ``start + (1 - start) min(t, W) / W``).
+        schedule: a :mod:`fusedwarm.schedules` object (``Constant``, ``Cosine``, ``WSD``) or its
+            ``to_dict()``; ``None`` is constant. Multiplies lr after the warmup.
+        v_init: ``"zero"`` (Adam) or ``"grad"``: GI-Adam (Kalra & Barkeshli 2024), the second moment
+            starts at the first squared gradient and then needs no bias correction.
     """
 
     _op_name = "adamw_"
     _op_states = ("exp_avg", "exp_avg_sq")
     _hyper_names = ("beta1", "beta2", "eps", "weight_decay", "maximize")
+    _warmups = WARMUPS
 
     def __init__(
         self,
@@ -904,6 +992,11 @@ class AdamW(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",
+        warmup: str = "untuned",
+        warmup_steps: int | None = None,
+        warmup_start: float = 0.0,
+        schedule: schedules.Constant | dict | None = None,
+        v_init: str = "zero",
         backward_step: bool = False,
         bucket_cap_mb: float = 25.0,
         max_grad_norm: float | None = None,
@@ -911,7 +1004,9 @@ class AdamW(FusedOptimizer):
         loss_scale: float | str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        extra_bits=extra_bits, state_dtype=state_dtype, seed=seed, arithmetic=arithmetic)
+                        extra_bits=extra_bits, state_dtype=state_dtype, seed=seed, arithmetic=arithmetic,
+                        warmup=warmup, warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule,
+                        v_init=v_init)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
@@ -920,6 +1015,16 @@ class AdamW(FusedOptimizer):
         _check_lr_betas(group)
         _check_nonneg("eps", group["eps"])
         _check_nonneg("weight_decay", group["weight_decay"])
+        if group.get("v_init", "zero") not in V_INITS:
+            raise ValueError(f"Invalid v_init: {group['v_init']!r} (expected one of {V_INITS})")
+        if group.get("warmup") == "radam" and not group["betas"][1] > 0.6:
+            raise ValueError(f"warmup='radam' needs beta2 > 0.6 (rho_inf > 4), got {group['betas'][1]!r}")
+        if group.get("v_init") == "grad" and group.get("warmup") == "radam":
+            raise ValueError("v_init='grad' and warmup='radam' both correct the zero-initialized second moment; "
+                             "choose one")
+
+    def _schedule_args(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {**super()._schedule_args(group), "v_init": group["v_init"]}
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
@@ -936,13 +1041,18 @@ class SGD(FusedOptimizer):
         weight_decay: L2 penalty added to the gradient.
         nesterov: use Nesterov momentum (needs momentum > 0 and dampening = 0).
         maximize: maximize the objective instead of minimizing it.
-        extra_bits, state_dtype, seed, arithmetic, backward_step, bucket_cap_mb, max_grad_norm, clip,
-            loss_scale: see :class:`AdamW`.
+        warmup: ``"untuned"`` (default) means no warmup for SGD: Ma & Yarats's rule covers the
+            zero-initialized EMA of an adaptive optimizer, and SGD has none, so the default keeps
+            :class:`torch.optim.SGD`'s behaviour. ``"linear"`` (with ``warmup_steps``,
+            ``warmup_start``) and ``"none"`` are supported.
+        extra_bits, state_dtype, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
+            bucket_cap_mb, max_grad_norm, clip, loss_scale: see :class:`AdamW`.
     """
 
     _op_name = "sgd_"
     _op_states = ("momentum_buffer",)
     _hyper_names = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    _warmups = ("untuned", "linear", "none")
 
     def __init__(
         self,
@@ -958,6 +1068,10 @@ class SGD(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",
+        warmup: str = "untuned",
+        warmup_steps: int | None = None,
+        warmup_start: float = 0.0,
+        schedule: schedules.Constant | dict | None = None,
         backward_step: bool = False,
         bucket_cap_mb: float = 25.0,
         max_grad_norm: float | None = None,
@@ -966,7 +1080,8 @@ class SGD(FusedOptimizer):
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype,
-                        seed=seed, arithmetic=arithmetic)
+                        seed=seed, arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
+                        warmup_start=warmup_start, schedule=schedule)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
@@ -995,13 +1110,20 @@ class Lion(FusedOptimizer):
         betas: interpolation factor of the update direction and of the momentum average.
         weight_decay: decoupled weight decay coefficient.
         maximize: maximize the objective instead of minimizing it.
-        extra_bits, state_dtype, seed, arithmetic, backward_step, bucket_cap_mb, max_grad_norm, clip,
-            loss_scale: see :class:`AdamW`.
+        warmup: ``"untuned"`` (default) uses Lion's ``beta2``, the coefficient of its momentum EMA
+            (not a second moment): linear over ``2 / (1 - beta2)`` updates (200 for 0.99), the time
+            the zero-initialized momentum takes to forget its start (``beta2^t = e^-2``). Lion's
+            sign update has full size from the first step, so this is the analogue of Ma & Yarats's
+            rule rather than their derivation. ``"untuned-exp"``, ``"linear"`` and ``"none"`` are
+            supported; ``"radam"`` (no second moment) is not.
+        extra_bits, state_dtype, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
+            bucket_cap_mb, max_grad_norm, clip, loss_scale: see :class:`AdamW`.
     """
 
     _op_name = "lion_"
     _op_states = ("exp_avg",)
     _hyper_names = ("beta1", "beta2", "weight_decay", "maximize")
+    _warmups = ("untuned", "untuned-exp", "linear", "none")
 
     def __init__(
         self,
@@ -1015,6 +1137,10 @@ class Lion(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",
+        warmup: str = "untuned",
+        warmup_steps: int | None = None,
+        warmup_start: float = 0.0,
+        schedule: schedules.Constant | dict | None = None,
         backward_step: bool = False,
         bucket_cap_mb: float = 25.0,
         max_grad_norm: float | None = None,
@@ -1022,7 +1148,8 @@ class Lion(FusedOptimizer):
         loss_scale: float | str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, extra_bits=extra_bits,
-                        state_dtype=state_dtype, seed=seed, arithmetic=arithmetic)
+                        state_dtype=state_dtype, seed=seed, arithmetic=arithmetic, warmup=warmup,
+                        warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)

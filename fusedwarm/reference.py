@@ -10,6 +10,10 @@ for the other; ``extra_bits``, ``state_dtype`` and ``seed`` are accepted and ign
 the reference keeps everything in float32 and rounds nothing. Like the fused optimizers, an
 element whose gradient is not finite is left untouched.
 
+Warmup and schedules follow the papers' formulas in float64 (update ``t = 1, 2, ...`` uses
+``lr * warmup(t) * schedule(t)``; see :func:`warmup_factor` and :func:`schedule_factor`), with the
+same defaults as the fused optimizers: ``warmup="untuned"`` (none for SGD), constant schedule.
+
 ``arithmetic="pam"`` runs the update with piecewise-affine arithmetic (Kosson & Jaggi 2023;
 ``pam_mul`` and friends below): every per-element multiply, divide and square root is a PA
 operation, additions stay float32. The per-step scalars (bias corrections, ``1 - lr wd``, the
@@ -19,6 +23,7 @@ optimizers can be checked bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["AdamW", "SGD", "Lion", "pam_mul", "pam_div", "pam_sqrt", "pam_exp2", "pam_log2", "pam_matmul"]
+__all__ = ["AdamW", "SGD", "Lion", "warmup_factor", "schedule_factor", "pam_mul", "pam_div", "pam_sqrt", "pam_exp2", "pam_log2", "pam_matmul"]
 
 ARITHMETICS = ("ieee", "pam")
 
@@ -171,6 +176,71 @@ def _check_arithmetic(arithmetic: Any) -> None:
         raise ValueError(f"Invalid arithmetic: {arithmetic!r} (expected one of {ARITHMETICS})")
 
 
+# ---- warmup and schedules ---------------------------------------------------------------------
+
+
+def warmup_factor(warmup: str, t: int, beta2: float | None = None, warmup_steps: int | None = None,
+                  warmup_start: float = 0.0) -> tuple[float, bool]:
+    """The warmup's multiplier of lr at update ``t >= 1``, and whether the step is adaptive.
+
+    Args:
+        warmup: ``"none"``, ``"linear"``, ``"untuned"``, ``"untuned-exp"`` or ``"radam"``.
+        t: the update number (1 for the first update).
+        beta2: the EMA coefficient the untuned rules and RAdam derive from.
+        warmup_steps, warmup_start: the ``"linear"`` warmup's length and starting factor.
+
+    Returns:
+        ``(factor, adaptive)``; ``adaptive`` is False only in RAdam's first steps, where the update
+        is un-adapted momentum SGD (Liu et al. 2019, Alg. 2; threshold rho_t > 5 as torch.optim.RAdam).
+    """
+    if warmup == "none":
+        return 1.0, True
+    if warmup == "linear":
+        return warmup_start + (1 - warmup_start) * min(1.0, t / warmup_steps), True
+    if warmup == "untuned":  # Ma & Yarats 2021: omega_t = min(1, (1 - beta2) t / 2)
+        return min(1.0, (1 - beta2) * t / 2), True
+    if warmup == "untuned-exp":  # Ma & Yarats 2021: omega_t = 1 - exp(-(1 - beta2) t)
+        return 1 - math.exp(-(1 - beta2) * t), True
+    if warmup == "radam":
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+        if rho_t <= 5:
+            return 1.0, False
+        return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)), True
+    raise ValueError(f"Invalid warmup: {warmup!r}")
+
+
+def schedule_factor(schedule: dict[str, Any] | None, t: int) -> float:
+    """The schedule's multiplier of lr at update ``t``, from its plain-data description.
+
+    Args:
+        schedule: ``None`` or ``{"name": "constant"}``; ``{"name": "cosine", "total_steps": T,
+            "final_fraction": f}`` (cosine from 1 to f over T updates); ``{"name": "wsd",
+            "total_steps": T, "decay_fraction": d, "shape": s, "final_fraction": f}`` (Hägele et al.
+            2024: 1, then over the last round(d T) updates a cooldown of shape s to f).
+        t: the update number.
+
+    Returns:
+        The factor.
+    """
+    if schedule is None or schedule["name"] == "constant":
+        return 1.0
+    total, final = schedule["total_steps"], schedule["final_fraction"]
+    if schedule["name"] == "cosine":
+        return final + (1 - final) * (1 + math.cos(math.pi * min(t, total) / total)) / 2
+    decay = round(schedule["decay_fraction"] * total)
+    if decay == 0:
+        return 1.0
+    u = min(max(t - (total - decay), 0), decay) / decay
+    shape = {"linear": 1 - u, "1-sqrt": 1 - math.sqrt(u), "cosine": (1 + math.cos(math.pi * u)) / 2}
+    return final + (1 - final) * shape[schedule["shape"]]
+
+
+def _schedule_dict(schedule: Any) -> dict[str, Any] | None:
+    """A fusedwarm.schedules object (duck-typed: this module imports nothing of fusedwarm) or dict."""
+    return schedule.to_dict() if hasattr(schedule, "to_dict") else schedule
+
+
 class _Reference(Optimizer):
     """Float32-master bookkeeping shared by the reference optimizers."""
 
@@ -187,7 +257,6 @@ class _Reference(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr = float(group["lr"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -198,6 +267,11 @@ class _Reference(Optimizer):
                 for name in self._states(group):
                     state.setdefault(name, torch.zeros_like(state["master"]))
                 state["step"] += 1
+                t = state["step"]
+                beta2 = group["betas"][1] if "betas" in group else None
+                warmup = group["warmup"] if beta2 is not None or group["warmup"] != "untuned" else "none"
+                w, adaptive = warmup_factor(warmup, t, beta2, group["warmup_steps"], group["warmup_start"])
+                factor = w * schedule_factor(group["schedule"], t)
                 g = p.grad.to(torch.float32)
                 if group["maximize"]:
                     g = -g
@@ -205,15 +279,15 @@ class _Reference(Optimizer):
                 old = {name: state[name].clone() for name in ("master",) + self._states(group)}
                 g = torch.where(finite, g, torch.zeros_like(g))
                 if group.get("arithmetic", "ieee") == "pam":
-                    self._update_pam(group, group["lr"], state, g)
+                    self._update_pam(group, _f32(group["lr"]) * _f32(factor), state, g)
                 else:
-                    self._update(group, lr, state, g)
+                    self._update(group, float(group["lr"]) * factor, state, g, adaptive)
                 for name, before in old.items():
                     state[name].copy_(torch.where(finite, state[name], before))
                 p.copy_(state["master"])
         return loss
 
-    def _update(self, group: dict[str, Any], lr: float, state: dict[str, Any], g: Tensor) -> None:
+    def _update(self, group: dict[str, Any], lr: float, state: dict[str, Any], g: Tensor, adaptive: bool) -> None:
         raise NotImplementedError
 
     def _update_pam(self, group: dict[str, Any], lr: float | Tensor, state: dict[str, Any], g: Tensor) -> None:
@@ -237,20 +311,37 @@ class AdamW(_Reference):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
-                 seed: int | None = None, arithmetic: str = "ieee") -> None:
+                 seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned",
+                 warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None,
+                 v_init: str = "zero") -> None:
         _check_arithmetic(arithmetic)
+        if arithmetic == "pam" and (v_init != "zero" or warmup == "radam"):
+            raise ValueError("reference.AdamW: arithmetic='pam' is implemented for v_init='zero' without 'radam'")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                                      arithmetic=arithmetic))
+                                      arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
+                                      warmup_start=warmup_start, schedule=_schedule_dict(schedule),
+                                      v_init=v_init))
 
-    def _update(self, group, lr, state, g):
+    def _update(self, group, lr, state, g, adaptive):
         beta1, beta2 = group["betas"]
         t = state["step"]
         p, m, v = state["master"], state["exp_avg"], state["exp_avg_sq"]
         p.mul_(1 - lr * group["weight_decay"])
         m.mul_(beta1).add_((1 - beta1) * g)
-        v.mul_(beta2).add_((1 - beta2) * g * g)
         bias_correction1 = 1 - beta1**t
-        bias_correction2 = 1 - beta2**t
+        if group["v_init"] == "grad":
+            # GI-Adam (Kalra & Barkeshli 2024): v_0 = g_1^2, and v's weights sum to 1 (no correction).
+            if t == 1:
+                v.copy_(g * g)
+            else:
+                v.mul_(beta2).add_((1 - beta2) * g * g)
+            bias_correction2 = 1.0
+        else:
+            v.mul_(beta2).add_((1 - beta2) * g * g)
+            bias_correction2 = 1 - beta2**t
+        if not adaptive:  # RAdam's fallback: momentum SGD
+            p.sub_((lr / bias_correction1) * m)
+            return
         denom = v.sqrt() / bias_correction2**0.5 + group["eps"]
         p.sub_((lr / bias_correction1) * (m / denom))
 
@@ -281,15 +372,18 @@ class SGD(_Reference):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
-                 seed: int | None = None, arithmetic: str = "ieee") -> None:
+                 seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned",
+                 warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None) -> None:
         _check_arithmetic(arithmetic)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize, arithmetic=arithmetic))
+                                      nesterov=nesterov, maximize=maximize, arithmetic=arithmetic, warmup=warmup,
+                                      warmup_steps=warmup_steps, warmup_start=warmup_start,
+                                      schedule=_schedule_dict(schedule)))
 
     def _states(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _update(self, group, lr, state, g):
+    def _update(self, group, lr, state, g, adaptive):
         p = state["master"]
         if group["weight_decay"] != 0:
             g = g + group["weight_decay"] * p
@@ -329,12 +423,14 @@ class Lion(_Reference):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *, maximize: bool = False,
                  extra_bits: int = 16, state_dtype: torch.dtype | None = None, seed: int | None = None,
-                 arithmetic: str = "ieee") -> None:
+                 arithmetic: str = "ieee", warmup: str = "untuned", warmup_steps: int | None = None,
+                 warmup_start: float = 0.0, schedule: Any = None) -> None:
         _check_arithmetic(arithmetic)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
-                                      arithmetic=arithmetic))
+                                      arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
+                                      warmup_start=warmup_start, schedule=_schedule_dict(schedule)))
 
-    def _update(self, group, lr, state, g):
+    def _update(self, group, lr, state, g, adaptive):
         beta1, beta2 = group["betas"]
         p, m = state["master"], state["exp_avg"]
         c = beta1 * m + (1 - beta1) * g

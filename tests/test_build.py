@@ -23,7 +23,7 @@ BUILD_AND_STEP = textwrap.dedent(
     import fusedwarm
     p = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
     before = p.detach().clone()
-    opt = fusedwarm.AdamW([p], lr=1e-2)
+    opt = fusedwarm.AdamW([p], lr=1e-2, warmup="none")  # the first step must move the bf16 weight
     p.grad = torch.randn_like(p)
     opt.step()
     assert not torch.equal(p.detach(), before)

@@ -74,6 +74,23 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
               cudaGetErrorString(err));
 }
 
+at::Tensor schedule_factors_cuda(const at::Tensor& steps, double beta2, FW_SCHEDULE_PARAMS) {
+  TORCH_CHECK(steps.scalar_type() == at::kLong, "fusedwarm.schedule_factors: steps must be int64, got ",
+              steps.scalar_type());
+  const fw::Schedule s = parse_schedule("schedule_factors", FW_SCHEDULE_ARGS, beta2, true);
+  const c10::cuda::CUDAGuard guard(steps.device());
+  const at::Tensor c = steps.contiguous();
+  std::vector<int64_t> shape = c.sizes().vec();
+  shape.push_back(4);
+  at::Tensor out = at::empty(shape, c.options().dtype(at::kFloat));
+  const cudaError_t err = gpu::launch_schedule_factors(c.const_data_ptr<int64_t>(), c.numel(), s,
+                                                      out.data_ptr<float>(),
+                                                      c10::cuda::getCurrentCUDAStream(steps.device().index()));
+  TORCH_CHECK(err == cudaSuccess, "fusedwarm: launching the schedule kernel on ", steps.device(), " failed: ",
+              cudaGetErrorString(err));
+  return out;
+}
+
 }  // namespace
 
 template <class Rule>
@@ -90,6 +107,7 @@ TORCH_LIBRARY_IMPL(fusedwarm, CUDA, m) {
   m.impl("adamw_", &OpImpls<CudaBackend>::adamw_);
   m.impl("sgd_", &OpImpls<CudaBackend>::sgd_);
   m.impl("lion_", &OpImpls<CudaBackend>::lion_);
+  m.impl("schedule_factors", &schedule_factors_cuda);
 }
 
 }  // namespace fusedwarm

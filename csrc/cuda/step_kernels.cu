@@ -199,6 +199,28 @@ cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hype
 }
 
 namespace {
+
+__global__ void schedule_factors_kernel(const int64_t* steps, int64_t n, const fw::Schedule schedule, float* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const fw::Factors f = fw::factors(schedule, steps[i]);
+  out[4 * i] = f.warmup;
+  out[4 * i + 1] = f.schedule;
+  out[4 * i + 2] = f.lr;
+  out[4 * i + 3] = f.adaptive;
+}
+
+}  // namespace
+
+cudaError_t launch_schedule_factors(const int64_t* steps, int64_t n, const fw::Schedule& schedule, float* out,
+                                    cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  schedule_factors_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(steps, n, schedule, out);
+  return cudaGetLastError();
+}
+
+namespace {
 using Bf16K0 = fw::ParamHalf<fw::BF16Format, 0>;
 using Bf16K8 = fw::ParamHalf<fw::BF16Format, 8>;
 using Bf16K16 = fw::ParamHalf<fw::BF16Format, 16>;

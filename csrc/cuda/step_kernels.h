@@ -56,5 +56,10 @@ struct LaunchArgs {
 template <class Rule, class P, class S, class M>
 cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hyper, cudaStream_t stream);
 
+// Enqueues fw::factors(schedule, steps[i]) for i < n into out[4 i .. 4 i + 3] (warmup, schedule,
+// product, adaptive flag): the factors the step kernel uses, read for logging without a sync.
+cudaError_t launch_schedule_factors(const int64_t* steps, int64_t n, const fw::Schedule& schedule, float* out,
+                                    cudaStream_t stream);
+
 }  // namespace gpu
 }  // namespace fusedwarm

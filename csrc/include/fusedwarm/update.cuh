@@ -7,6 +7,7 @@
 #include "bits.cuh"
 #include "pam.cuh"
 #include "philox.cuh"
+#include "schedule.cuh"
 
 namespace fw {
 
@@ -88,7 +89,15 @@ FW_HD float xor_sign(float x, uint32_t flip) { return bits_float(float_bits(x) ^
 // The last line is evaluated in the equivalent one-division form of Kingma & Ba (2015, Sec. 2):
 //   p = p - a_t * m / (sqrt(v) + eps_t),  a_t = lr sqrt(1 - b2^t) / (1 - b1^t),
 //   eps_t = eps sqrt(1 - b2^t),
-// with a_t and eps_t computed once per tensor: one division per element instead of two.
+// with a_t and eps_t computed once per tensor: one division per element instead of two. lr is
+// the group's lr times the schedule's factor (schedule.cuh), in the decay and in a_t.
+//
+// Two options change the early steps through per-tensor coefficients only, so that the element
+// code stays branch-free (it is p - a_t m / (c sqrt(v) + eps_t) with c = 1 otherwise):
+// - v_init_grad (GI-Adam, Kalra & Barkeshli 2024): v_0 = g_1^2, i.e. v = g^2 on the first step
+//   (b2 -> 0, 1 - b2 -> 1). The weights of v then sum to 1, so v needs no bias correction.
+// - RAdam's fallback (warmup "radam", schedule.cuh): while the rectification is undefined the
+//   step is momentum SGD, p - lr m / (1 - b1^t): c = 0 and eps_t = 1.
 struct AdamW {
   static constexpr int kStates = 2;
   // 1 - beta comes from the host, computed in double and rounded once, as torch.optim does:
@@ -97,22 +106,29 @@ struct AdamW {
   struct Hyper {
     float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
     bool maximize;
+    bool v_init_grad;
+    Schedule schedule;
   };
   struct Scalars {
-    float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, eps;
+    float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, adaptive, eps;
     uint32_t flip;  // sign bit to xor into the gradient (maximize)
   };
   template <class M>
   static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
+    const Factors f = factors(h.schedule, step);
+    lr = M::mul(lr, f.lr);
+    const bool first_v = h.v_init_grad && step <= 1;
     Scalars s;
     s.decay = M::sub(1.0f, M::mul(lr, h.weight_decay));
     s.beta1 = h.beta1;
     s.one_minus_beta1 = h.one_minus_beta1;
-    s.beta2 = h.beta2;
-    s.one_minus_beta2 = h.one_minus_beta2;
-    const float bc2_sqrt = M::sqrt(M::sub(1.0f, powi<M>(h.beta2, step)));
+    s.beta2 = first_v ? 0.0f : h.beta2;
+    s.one_minus_beta2 = first_v ? 1.0f : h.one_minus_beta2;
+    const bool correct_v = !h.v_init_grad && f.adaptive != 0.0f;
+    const float bc2_sqrt = correct_v ? M::sqrt(M::sub(1.0f, powi<M>(h.beta2, step))) : 1.0f;
     s.step_size = M::div(M::mul(lr, bc2_sqrt), M::sub(1.0f, powi<M>(h.beta1, step)));
-    s.eps = M::mul(h.eps, bc2_sqrt);
+    s.adaptive = f.adaptive;
+    s.eps = f.adaptive != 0.0f ? M::mul(h.eps, bc2_sqrt) : 1.0f;
     s.flip = sign_flip(h.maximize);
     return s;
   }
@@ -122,7 +138,7 @@ struct AdamW {
     p = M::mul(p, s.decay);
     m = M::add(M::mul(s.beta1, m), M::mul(s.one_minus_beta1, g));
     v = M::add(M::mul(s.beta2, v), M::mul(s.one_minus_beta2, M::mul(g, g)));
-    p = M::sub(p, M::mul(s.step_size, M::div(m, M::add(M::sqrt(v), s.eps))));
+    p = M::sub(p, M::mul(s.step_size, M::div(m, M::add(M::mul(s.adaptive, M::sqrt(v)), s.eps))));
   }
 };
 
@@ -132,6 +148,7 @@ struct SGD {
   struct Hyper {
     float momentum, one_minus_dampening, weight_decay;  // 1 - dampening from the host, as in AdamW
     bool nesterov, maximize;
+    Schedule schedule;  // lr is the group's lr times its factor (schedule.cuh)
   };
   // The uniform choices (first step, Nesterov) are folded into coefficients that are exactly
   // 0 or 1, so the element code has no data-independent branches: buf = cb buf + cg g and
@@ -144,7 +161,7 @@ struct SGD {
   static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
     Scalars s;
     const bool first = step <= 1;
-    s.lr = lr;
+    s.lr = M::mul(lr, factors(h.schedule, step).lr);
     s.weight_decay = h.weight_decay;
     s.momentum = h.momentum;
     s.buf_coef = first ? 0.0f : h.momentum;
@@ -190,13 +207,15 @@ struct Lion {
   struct Hyper {
     float beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay;  // 1 - beta from the host
     bool maximize;
+    Schedule schedule;  // lr is the group's lr times its factor (schedule.cuh)
   };
   struct Scalars {
     float lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2;
     uint32_t flip;
   };
   template <class M>
-  static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t) {
+  static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
+    lr = M::mul(lr, factors(h.schedule, step).lr);
     Scalars s;
     s.lr = lr;
     s.decay = M::sub(1.0f, M::mul(lr, h.weight_decay));
