@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     held_out = batches(text[split:], args.eval_batches, args.batch, args.length, args.seed + 1)
     init = ByteTransformer(args.length, args.width, args.layers, args.heads, nn.Linear).state_dict()
     n_params = sum(t.numel() for t in init.values())
-    hyper = dict(lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, state_dtype=torch.float32, seed=args.seed)
+    hyper = dict(lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, state_dtype=torch.float32, seed=args.seed,
+                 warmup="none")
     print(f"data: {len(text):,} bytes of stdlib source; model: {n_params:,} parameters; {args.steps} steps of "
           f"{args.batch} x {args.length} bytes; torch {torch.__version__}, {torch.get_num_threads()} threads")
 

@@ -209,8 +209,10 @@ def make_optimizer(config: Config, params: list[nn.Parameter], args: argparse.Na
             return torch.optim.AdamW(params, **hyper, fused=True), "torch.optim.AdamW(fused=True)"
         except RuntimeError:  # no fused kernel for this device
             return torch.optim.AdamW(params, **hyper, foreach=True), "torch.optim.AdamW(foreach=True)"
+    # warmup="none": the same update rule as the torch.optim.AdamW baselines.
     opt = fusedwarm.AdamW(params, **hyper, extra_bits=config.extra_bits, state_dtype=torch.bfloat16,
-                          seed=args.seed, backward_step=config.backward_step, bucket_cap_mb=args.bucket_cap_mb)
+                          seed=args.seed, backward_step=config.backward_step, bucket_cap_mb=args.bucket_cap_mb,
+                          warmup="none")
     impl = f"fusedwarm.AdamW(extra_bits={config.extra_bits}, state_dtype=bfloat16"
     impl += f", backward_step=True, bucket_cap_mb={args.bucket_cap_mb:g})" if config.backward_step else ")"
     return opt, impl

@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     print("  loading the fusedwarm extension (compiled on first use; this can take a minute) ...", flush=True)
     model = fresh(torch.bfloat16)
     t0 = time.perf_counter()
-    opt = fusedwarm.AdamW(model.parameters(), **hyper, extra_bits=16, state_dtype=torch.bfloat16, seed=args.seed)
+    # warmup="none": the same update rule as the torch.optim.AdamW it is compared with.
+    opt = fusedwarm.AdamW(model.parameters(), **hyper, extra_bits=16, state_dtype=torch.bfloat16, seed=args.seed,
+                          warmup="none")
     print(f"  extension ready after {time.perf_counter() - t0:.1f} s", flush=True)
     results["fusedwarm.AdamW, bf16 weights"] = train("fusedwarm bf16", model, opt, data, log_every=20)
 

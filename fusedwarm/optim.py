@@ -245,7 +245,7 @@ class FusedOptimizer(Optimizer):
         self._updated: dict[int, Tensor] = {}       # parameters updated in the open iteration
         self._skips: list[tuple[list[Tensor], Tensor]] = []  # (parameters, skipped elements) per launch
         self._multipliers: dict[torch.device, Tensor | None] = {}
-        self._sq_norm: Tensor | None = None        # sum of squared gradient norms of the open iteration
+        self._sq_norms: dict[int, Tensor] = {}     # tensor id -> squared gradient norm, open iteration
         self._iteration_open = False
         self._accumulating = 0
         self._queued_task: int | None = None
@@ -480,7 +480,7 @@ class FusedOptimizer(Optimizer):
         self._iteration_open = True
         self._skips = []
         self._multipliers = {}
-        self._sq_norm = None
+        self._sq_norms = {}
 
     def _end_iteration(self) -> None:
         """Closes the iteration: loss-scale and lagged-clipping updates, all on the device."""
@@ -491,8 +491,9 @@ class FusedOptimizer(Optimizer):
         if self._scale is not None and self._options["loss_scale"] == "dynamic":
             found_inf = (self.nonfinite_count() > 0).to(torch.float32)
             torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, 2.0, 0.5, _DYNAMIC_INTERVAL)
-        if self._sq_norm is not None:
-            norm = self._sq_norm.sqrt()
+        if self._sq_norms:
+            # Summed in tensor order, not launch order: the same bits with and without backward_step.
+            norm = torch.stack([self._sq_norms[k] for k in sorted(self._sq_norms)]).sum().sqrt()
             self._last_grad_norm = norm
             if self._options["clip"] == "lagged":
                 # A non-finite norm (skipped elements) keeps the previous coefficient.
@@ -524,7 +525,7 @@ class FusedOptimizer(Optimizer):
             self._multipliers[device] = None if m is None else m.to(device)
         return self._multipliers[device]
 
-    def _grad_scales(self, device: torch.device, grads: list[Tensor]) -> Tensor | None:
+    def _grad_scales(self, device: torch.device, ids: list[int], grads: list[Tensor]) -> Tensor | None:
         """Per-tensor gradient multipliers for one launch: loss scale and clipping, on the device."""
         m = self._multiplier(device)
         clip = self._options["clip"] if self._options["max_grad_norm"] is not None else None
@@ -532,8 +533,7 @@ class FusedOptimizer(Optimizer):
             norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
             if self._scale is not None:
                 norms = norms / self._scale.to(device)
-            sq = norms.square().sum().to(self._main_device())
-            self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+            self._sq_norms.update(zip(ids, norms.square().to(self._main_device()).unbind()))
             if clip == "tensor":
                 coef = _clip_coefficient(self._options["max_grad_norm"], norms)
                 return coef if m is None else coef * m
@@ -554,6 +554,7 @@ class FusedOptimizer(Optimizer):
         lr = group["lr"]
         lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
         skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
+        ids = [self._tensor_id(p) for p in params]
         getattr(_ops.load(), self._op_name)(
             work,
             [g.contiguous() for g in grads],
@@ -561,14 +562,14 @@ class FusedOptimizer(Optimizer):
             # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
             *[[s[n] for s in states] if n in used else [] for n in self._op_states],
             steps,
-            [self._tensor_id(p) for p in params],
+            ids,
             lr_tensor,
             0.0 if lr_tensor is not None else float(lr),
             self._extra_bits(group, params[0]),
             group["seed"],
             *[self._hyper_value(group, n) for n in self._hyper_names],
             arithmetic=group.get("arithmetic", "ieee"),
-            grad_scales=self._grad_scales(device, grads),
+            grad_scales=self._grad_scales(device, ids, grads),
             nonfinite=skipped,
             **self._schedule_args(group),
         )
