@@ -26,6 +26,13 @@ fw::Schedule parse_schedule(const char* op, c10::string_view warmup, int64_t war
       c10::string_view decay_shape, double final_fraction
 #define FW_SCHEDULE_ARGS warmup, warmup_steps, warmup_start, total_steps, decay_steps, decay_shape, final_fraction
 
+// Update-size control arguments (appended after the schedule's and the rule's own).
+#define FW_CONTROL_PARAMS std::optional<double> update_norm, at::OptionalIntArrayRef update_rows
+
+// Checks the update-size control arguments against the call's tensors and stores them in L.
+void set_update_control(const char* op, StepLists& L, std::optional<double> update_norm,
+                        at::OptionalIntArrayRef update_rows);
+
 template <class Backend>
 struct OpImpls {
   static void adamw_(at::TensorList params, at::TensorList grads, at::TensorList extras, at::TensorList exp_avgs,
@@ -33,7 +40,8 @@ struct OpImpls {
                      const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                      double beta1, double beta2, double eps, double weight_decay, bool maximize,
                      c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                     const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, c10::string_view v_init) {
+                     const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, c10::string_view v_init,
+                     FW_CONTROL_PARAMS) {
     TORCH_CHECK(v_init == "zero" || v_init == "grad", "fusedwarm.adamw_: v_init must be 'zero' or 'grad', got '",
                 std::string(v_init), "'");
     TORCH_CHECK(!(v_init == "grad" && warmup == "radam"), "fusedwarm.adamw_: v_init='grad' and warmup='radam' ",
@@ -42,6 +50,7 @@ struct OpImpls {
                                   lr, extra_bits, seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("adamw_", arithmetic);
     check_step_lists("adamw_", L, fw::AdamW::kStates);
+    set_update_control("adamw_", L, update_norm, update_rows);
     const fw::AdamW::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                              static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
                              static_cast<float>(eps),         static_cast<float>(weight_decay),
@@ -56,7 +65,7 @@ struct OpImpls {
                    const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                   const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS) {
+                   const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, FW_CONTROL_PARAMS) {
     const bool pam = parse_arithmetic("sgd_", arithmetic);
     const fw::SGD::Hyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                            static_cast<float>(weight_decay), nesterov, maximize,
@@ -66,12 +75,14 @@ struct OpImpls {
                                     grad_scales, nonfinite);
       L.pam = pam;
       check_step_lists("sgd_", L, fw::SGD::kStates);
+      set_update_control("sgd_", L, update_norm, update_rows);
       Backend::template run<fw::SGD>(L, h);
     } else {
       StepLists L = make_step_lists(params, grads, extras, {momentum_buffers}, steps, tensor_ids, lr_tensor, lr,
                                     extra_bits, seed, grad_scales, nonfinite);
       L.pam = pam;
       check_step_lists("sgd_", L, fw::SGDMomentum::kStates);
+      set_update_control("sgd_", L, update_norm, update_rows);
       Backend::template run<fw::SGDMomentum>(L, h);
     }
   }
@@ -80,11 +91,12 @@ struct OpImpls {
                     at::TensorList steps, at::IntArrayRef tensor_ids, const std::optional<at::Tensor>& lr_tensor,
                     double lr, int64_t extra_bits, int64_t seed, double beta1, double beta2, double weight_decay,
                     bool maximize, c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                    const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS) {
+                    const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, FW_CONTROL_PARAMS) {
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr, extra_bits,
                                   seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("lion_", arithmetic);
     check_step_lists("lion_", L, fw::Lion::kStates);
+    set_update_control("lion_", L, update_norm, update_rows);
     const fw::Lion::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                             static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
                             static_cast<float>(weight_decay), maximize,

@@ -14,6 +14,12 @@ Warmup and schedules follow the papers' formulas in float64 (update ``t = 1, 2, 
 ``lr * warmup(t) * schedule(t)``; see :func:`warmup_factor` and :func:`schedule_factor`), with the
 same defaults as the fused optimizers: ``warmup="untuned"`` (none for SGD), constant schedule.
 
+Update-size control (``update_control="tensor"`` or ``"row"`` with ``update_norm``; Kosson et al.
+2024, *Analyzing & Reducing the Need for Learning Rate Warmup in GPT Training*) scales each row's
+update ``u = p_new - p`` (a tensor, or an output row along dim 0 of a 2-D+ weight) by
+``min(1, update_norm ||p|| / ||u||)``, leaving rows with ``||p|| = 0`` or ``||u|| = 0`` as they are
+(:func:`bound_update`).
+
 ``arithmetic="pam"`` runs the update with piecewise-affine arithmetic (Kosson & Jaggi 2023;
 ``pam_mul`` and friends below): every per-element multiply, divide and square root is a PA
 operation, additions stay float32. The per-step scalars (bias corrections, ``1 - lr wd``, the
@@ -31,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["AdamW", "SGD", "Lion", "warmup_factor", "schedule_factor", "pam_mul", "pam_div", "pam_sqrt", "pam_exp2", "pam_log2", "pam_matmul"]
+__all__ = ["AdamW", "SGD", "Lion", "bound_update", "warmup_factor", "schedule_factor", "pam_mul", "pam_div", "pam_sqrt", "pam_exp2", "pam_log2", "pam_matmul"]
 
 ARITHMETICS = ("ieee", "pam")
 
@@ -241,6 +247,39 @@ def _schedule_dict(schedule: Any) -> dict[str, Any] | None:
     return schedule.to_dict() if hasattr(schedule, "to_dict") else schedule
 
 
+UPDATE_CONTROLS = (None, "tensor", "row")
+
+
+def bound_update(before: Tensor, after: Tensor, control: str, update_norm: float) -> Tensor:
+    """Kosson et al. 2024's relative update bound, in float32.
+
+    Args:
+        before: the float32 master weight before the step.
+        after: the master after the unbounded step.
+        control: ``"tensor"`` (one row: the whole tensor) or ``"row"`` (rows along dim 0 of a
+            weight with two or more dimensions; a 1-D tensor is one row).
+        update_norm: the largest ``||u|| / ||p||`` of a row.
+
+    Returns:
+        ``before + c u`` with ``u = after - before`` and, per row,
+        ``c = min(1, update_norm ||before|| / ||u||)``; ``after`` itself where ``c = 1``.
+    """
+    rows = before.shape[0] if control == "row" and before.dim() >= 2 and before.numel() > 0 else 1
+    w = before.reshape(rows, -1)
+    u = (after - before).reshape(rows, -1)
+    ww, uu = (w * w).sum(dim=1, keepdim=True), (u * u).sum(dim=1, keepdim=True)
+    bound = update_norm * update_norm * ww
+    c = torch.where((ww > 0) & (uu > bound), update_norm * ww.sqrt() / uu.sqrt(), torch.ones_like(ww))
+    return torch.where(c == 1, after.reshape(rows, -1), w + c * u).reshape(before.shape)
+
+
+def _check_update_control(control: Any, update_norm: Any) -> None:
+    if control not in UPDATE_CONTROLS:
+        raise ValueError(f"Invalid update_control: {control!r} (expected one of {UPDATE_CONTROLS})")
+    if (control is None) != (update_norm is None):
+        raise ValueError("update_control and update_norm go together (both or neither)")
+
+
 class _Reference(Optimizer):
     """Float32-master bookkeeping shared by the reference optimizers."""
 
@@ -284,6 +323,9 @@ class _Reference(Optimizer):
                     self._update(group, float(group["lr"]) * factor, state, g, adaptive)
                 for name, before in old.items():
                     state[name].copy_(torch.where(finite, state[name], before))
+                if group.get("update_control") is not None:
+                    state["master"].copy_(bound_update(old["master"], state["master"], group["update_control"],
+                                                       group["update_norm"]))
                 p.copy_(state["master"])
         return loss
 
@@ -313,14 +355,16 @@ class AdamW(_Reference):
                  maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
                  seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned",
                  warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None,
-                 v_init: str = "zero") -> None:
+                 v_init: str = "zero", update_control: str | None = None,
+                 update_norm: float | None = None) -> None:
         _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm)
         if arithmetic == "pam" and (v_init != "zero" or warmup == "radam"):
             raise ValueError("reference.AdamW: arithmetic='pam' is implemented for v_init='zero' without 'radam'")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                                       arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
                                       warmup_start=warmup_start, schedule=_schedule_dict(schedule),
-                                      v_init=v_init))
+                                      v_init=v_init, update_control=update_control, update_norm=update_norm))
 
     def _update(self, group, lr, state, g, adaptive):
         beta1, beta2 = group["betas"]
@@ -373,12 +417,15 @@ class SGD(_Reference):
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
                  seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned",
-                 warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None) -> None:
+                 warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None,
+                 update_control: str | None = None, update_norm: float | None = None) -> None:
         _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize, arithmetic=arithmetic, warmup=warmup,
                                       warmup_steps=warmup_steps, warmup_start=warmup_start,
-                                      schedule=_schedule_dict(schedule)))
+                                      schedule=_schedule_dict(schedule), update_control=update_control,
+                                      update_norm=update_norm))
 
     def _states(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -424,11 +471,14 @@ class Lion(_Reference):
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *, maximize: bool = False,
                  extra_bits: int = 16, state_dtype: torch.dtype | None = None, seed: int | None = None,
                  arithmetic: str = "ieee", warmup: str = "untuned", warmup_steps: int | None = None,
-                 warmup_start: float = 0.0, schedule: Any = None) -> None:
+                 warmup_start: float = 0.0, schedule: Any = None, update_control: str | None = None,
+                 update_norm: float | None = None) -> None:
         _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                                       arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
-                                      warmup_start=warmup_start, schedule=_schedule_dict(schedule)))
+                                      warmup_start=warmup_start, schedule=_schedule_dict(schedule),
+                                      update_control=update_control, update_norm=update_norm))
 
     def _update(self, group, lr, state, g, adaptive):
         beta1, beta2 = group["betas"]

@@ -247,17 +247,22 @@ struct Lion {
 // the element's random words round the master (if lossy) and then the states, in that order.
 // Everything is computed unconditionally and selected at the end (no early return, no arrays),
 // so that the CPU loop vectorizes.
+//
+// `update_scale` is the update-size control's factor for the element's row (see below): the new
+// master is p0 + update_scale (p1 - p0) for the rule's p0 -> p1, and exactly p1 when it is 1.
 template <class Rule, class P, class S, class M = Ieee>
 FW_HD bool update_element(const typename Rule::Scalars& sc, uint64_t stream, uint64_t index, typename P::storage& w,
                           int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
-                          typename S::storage& s1) {
+                          typename S::storage& s1, float update_scale = 1.0f) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
   const float gf = M::mul(P::template grad<M>(g), grad_scale);
   const bool ok = is_finite(gf);
-  float p = P::template load<M>(w, e);
+  const float p0 = P::template load<M>(w, e);
+  float p = p0;
   float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
   float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
   Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
+  p = update_scale == 1.0f ? p : M::add(p0, M::mul(update_scale, M::sub(p, p0)));
   // Random words: one per stochastically rounded value, the weight's first.
   constexpr int kWeightWords = P::kLossy ? 1 : 0;
   constexpr int kWords = kWeightWords + (S::kLossy ? Rule::kStates : 0);
@@ -272,6 +277,56 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint64_t stream, uin
   if (Rule::kStates > 0) s0 = ok ? S::store(f0, rs[kWeightWords]) : s0;
   if (Rule::kStates > 1) s1 = ok ? S::store(f1, rs[kWeightWords + 1]) : s1;
   return ok;
+}
+
+// ---- update-size control ---------------------------------------------------------------------
+
+// Update-size control after Kosson et al. 2024 ("Analyzing & Reducing the Need for Learning Rate
+// Warmup in GPT Training"; "Rotational Equilibrium", ICML 2024): the update u = p1 - p0 of each
+// row (a whole tensor, or one output row of a weight) is bounded relative to the row's weight,
+// ||u|| <= max_ratio ||p0||, by scaling it with
+//   c = min(1, max_ratio ||p0|| / ||u||)
+// (c = 1 where ||p0|| or ||u|| is 0: a zero row has no scale to be relative to). The states move
+// as without control; only the weight's step is scaled.
+//
+// The two sums of squares are float32 and follow one fixed order on every backend, so that the
+// factor, and with it every bit of the step, is the same on CPU and CUDA: a row is cut into
+// kNormChunk-element chunks from its start; each chunk sums its elements in index order
+// (norm_accumulate), then the chunk sums are added in chunk order (norm_accumulate_chunk).
+constexpr int64_t kNormChunk = 1024;
+
+// The weight p0 and update u of one element as update_element would compute them, writing
+// nothing. An element skipped for a non-finite gradient has u = 0.
+template <class Rule, class P, class S, class M = Ieee>
+FW_HD void element_delta(const typename Rule::Scalars& sc, typename P::storage w, int32_t e, typename P::storage g,
+                         float grad_scale, typename S::storage s0, typename S::storage s1, float& p0, float& u) {
+  const float gf = M::mul(P::template grad<M>(g), grad_scale);
+  const bool ok = is_finite(gf);
+  p0 = P::template load<M>(w, e);
+  float p = p0;
+  float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
+  float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
+  Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
+  u = ok ? Ieee::sub(p, p0) : 0.0f;
+}
+
+// Adds one element to a chunk's sums: uu += u^2, ww += p0^2 (IEEE, never contracted).
+FW_HD void norm_accumulate(float& uu, float& ww, float p0, float u) {
+  uu = Ieee::add(uu, Ieee::mul(u, u));
+  ww = Ieee::add(ww, Ieee::mul(p0, p0));
+}
+
+// Adds one chunk's sums to its row's.
+FW_HD void norm_accumulate_chunk(float& uu, float& ww, float chunk_uu, float chunk_ww) {
+  uu = Ieee::add(uu, chunk_uu);
+  ww = Ieee::add(ww, chunk_ww);
+}
+
+// The row's factor c from its sums of squares of the update (uu) and weight (ww).
+FW_HD float bound_scale(float uu, float ww, float max_ratio) {
+  const float limit = Ieee::mul(Ieee::mul(max_ratio, max_ratio), ww);
+  if (!(ww > 0.0f) || !(uu > limit)) return 1.0f;
+  return Ieee::div(Ieee::mul(max_ratio, Ieee::sqrt(ww)), Ieee::sqrt(uu));
 }
 
 }  // namespace fw
