@@ -171,12 +171,19 @@ void check_step_lists(const char* op, const StepLists& L, int num_states) {
 }
 
 void set_update_control(const char* op, StepLists& L, std::optional<double> update_norm,
-                        at::OptionalIntArrayRef update_rows) {
-  TORCH_CHECK(update_norm.has_value() == update_rows.has_value(), "fusedwarm.", op,
-              ": update_norm and update_rows go together (both or neither)");
-  if (!update_norm) return;
-  TORCH_CHECK(std::isfinite(*update_norm) && *update_norm > 0.0, "fusedwarm.", op,
-              ": update_norm must be a finite number > 0, got ", *update_norm);
+                        at::OptionalIntArrayRef update_rows, bool rotational, double eq_coef) {
+  TORCH_CHECK(!(rotational && update_norm), "fusedwarm.", op,
+              ": rotational=True and update_norm are two update-size controls, choose one");
+  TORCH_CHECK((update_norm.has_value() || rotational) == update_rows.has_value(), "fusedwarm.", op,
+              ": update_rows goes with update_norm or rotational=True (both or neither)");
+  if (!update_rows) return;
+  if (update_norm) {
+    TORCH_CHECK(std::isfinite(*update_norm) && *update_norm > 0.0, "fusedwarm.", op,
+                ": update_norm must be a finite number > 0, got ", *update_norm);
+  } else {
+    TORCH_CHECK(std::isfinite(eq_coef) && eq_coef > 0.0, "fusedwarm.", op,
+                ": rotational=True needs weight_decay > 0 (it sets the equilibrium angular update)");
+  }
   const size_t n = L.params.size();
   TORCH_CHECK(update_rows->size() == n, "fusedwarm.", op, ": expected update_rows to have one entry per parameter (",
               n, "), got ", update_rows->size());
@@ -186,7 +193,8 @@ void set_update_control(const char* op, StepLists& L, std::optional<double> upda
     TORCH_CHECK(rows >= 1 && (numel == 0 || numel % rows == 0), "fusedwarm.", op, ": update_rows[", i,
                 "] must be >= 1 and divide params[", i, "].numel() = ", numel, ", got ", rows);
   }
-  L.update_norm = update_norm;
+  L.control = update_norm ? fw::Control{fw::kControlBound, static_cast<float>(*update_norm), 0.0f}
+                          : fw::Control{fw::kControlRotational, 0.0f, static_cast<float>(eq_coef)};
   L.update_rows = update_rows->vec();
 }
 
@@ -300,8 +308,9 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key) {
 #define FW_SCHEDULE_SCHEMA                                                                            \
   "str warmup=\"none\", int warmup_steps=0, float warmup_start=0., int total_steps=0, int decay_steps=0, " \
   "str decay_shape=\"none\", float final_fraction=0."
-// Update-size control (update.cuh): off unless both are given.
-#define FW_CONTROL_SCHEMA "float? update_norm=None, int[]? update_rows=None"
+// Update-size control (update.cuh): off unless update_rows is given with update_norm (bound) or
+// rotational=True.
+#define FW_CONTROL_SCHEMA "float? update_norm=None, int[]? update_rows=None, bool rotational=False"
 
 TORCH_LIBRARY(fusedwarm, m) {
   m.def(

@@ -23,9 +23,9 @@ struct StepLists {
   // Element arithmetic: IEEE fp32, or piecewise-affine (pam.cuh) for multiply, divide and sqrt.
   // The per-tensor scalars (Rule::scalars: bias corrections, decay factor) are IEEE either way.
   bool pam = false;
-  // Update-size control (update.cuh, bound_scale): the largest ||u|| / ||w|| of a row, or none;
+  // Update-size control (update.cuh, row_coefficients); with a mode other than kControlNone,
   // update_rows[i] is the number of rows tensor i is cut into (1: the whole tensor).
-  std::optional<double> update_norm;
+  fw::Control control{fw::kControlNone, 0.0f, 0.0f};
   std::vector<int64_t> update_rows;
 };
 

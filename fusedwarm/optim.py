@@ -57,7 +57,19 @@ update is zero are not scaled; the optimizer states move exactly as without cont
 squares are float32 in a fixed order (1024-element chunks summed in order, then the chunk sums in
 order) that the CPU and CUDA backends share, so they agree bit for bit; they cost one extra read
 pass over the weights, gradients and states inside the fused call, and nothing extra in memory but
-two floats per 1024 elements.
+three floats per 1024 elements.
+
+``update_control="rotational"`` (after Kosson et al.'s *Rotational Equilibrium*) keeps every output
+row's norm fixed and sets its angular update: the rule's update without weight decay loses its
+radial part, ``u_perp = u - (u.p / p.p) p``, is scaled to ``||u_perp|| = eta ||p||`` and the row
+becomes ``(p + u_perp) / sqrt(1 + eta^2)``, where ``eta`` is the equilibrium angular update that
+weight decay would reach (AdamW ``sqrt(2 lr wd (1 - b1) / (1 + b1))``, SGD
+``sqrt(2 lr wd / (1 + momentum))``, Lion ``sqrt(pi / 2) sqrt(2 lr wd) sqrt((1 - b1)^2 + b1^2 (1 - b2) /
+(1 + b2))``) with ``lr`` the effective lr (warmup and schedule included). Weight decay enters only
+through ``eta`` (it must be > 0). Tensors of one dimension (gains, biases) take the plain step, as
+in the paper; a row whose weight is zero takes the rule's step without weight decay, one whose
+update is purely radial stays. Elements skipped for a non-finite gradient stay as they were, so
+their row's norm is then kept only approximately.
 """
 
 from __future__ import annotations
@@ -82,7 +94,7 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 ARITHMETICS = ("ieee", "pam")
 _EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
-UPDATE_CONTROLS = (None, "tensor", "row")
+UPDATE_CONTROLS = (None, "tensor", "row", "rotational")
 
 
 def _check_nonneg(name: str, value: Any) -> None:
@@ -189,9 +201,12 @@ def _check_update_control(group: dict[str, Any]) -> None:
     control, bound = group.get("update_control"), group.get("update_norm")
     if control not in UPDATE_CONTROLS:
         raise ValueError(f"Invalid update_control: {control!r} (expected one of {UPDATE_CONTROLS})")
-    if control is None:
+    if control is None or control == "rotational":
         if bound is not None:
             raise ValueError(f"update_norm={bound!r} needs update_control='tensor' or 'row'")
+        if control == "rotational" and not group.get("weight_decay", 0) > 0:
+            raise ValueError("update_control='rotational' needs weight_decay > 0: it sets the equilibrium angular "
+                             "update")
         return
     if (not isinstance(bound, (int, float)) or isinstance(bound, bool) or not math.isfinite(bound)
             or bound <= 0):
@@ -575,7 +590,28 @@ class FusedOptimizer(Optimizer):
         return m.expand(len(grads)).contiguous()
 
     def _launch(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
-        """One fused call for ``params`` (one group, device and dtype) with the given gradients."""
+        """Updates ``params`` (one group, device and dtype) with the given gradients.
+
+        One fused call, or two with ``update_control="rotational"``: tensors of one dimension
+        (gains, biases; excluded by Kosson et al. 2024) take the plain step with weight decay.
+        """
+        control = self.param_groups[gi].get("update_control")
+        if control == "rotational":
+            rot = [i for i, p in enumerate(params) if p.dim() >= 2]
+            plain = [i for i, p in enumerate(params) if p.dim() < 2]
+            if rot:
+                self._launch_call(gi, [params[i] for i in rot], [grads[i] for i in rot],
+                                  dict(rotational=True, update_rows=[_update_rows("row", params[i]) for i in rot]))
+            if plain:
+                self._launch_call(gi, [params[i] for i in plain], [grads[i] for i in plain], {})
+        elif control is not None:
+            self._launch_call(gi, params, grads, dict(update_norm=float(self.param_groups[gi]["update_norm"]),
+                                                      update_rows=[_update_rows(control, p) for p in params]))
+        else:
+            self._launch_call(gi, params, grads, {})
+
+    def _launch_call(self, gi: int, params: list[Tensor], grads: list[Tensor], controls: dict[str, Any]) -> None:
+        """One fused call for ``params`` with the op's update-size control arguments ``controls``."""
         group = self.param_groups[gi]
         device = params[0].device
         states = [self._init_state(group, p) for p in params]
@@ -588,12 +624,6 @@ class FusedOptimizer(Optimizer):
         lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
         skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
         ids = [self._tensor_id(p) for p in params]
-        control = group.get("update_control")
-        if control is not None:
-            controls = dict(update_norm=float(group["update_norm"]),
-                            update_rows=[_update_rows(control, p) for p in params])
-        else:
-            controls = {}
         getattr(_ops.load(), self._op_name)(
             work,
             [g.contiguous() for g in grads],
@@ -1014,7 +1044,9 @@ class AdamW(FusedOptimizer):
         v_init: ``"zero"`` (Adam) or ``"grad"``: GI-Adam (Kalra & Barkeshli 2024), the second moment
             starts at the first squared gradient and then needs no bias correction.
         update_control: ``None`` (default), ``"tensor"`` or ``"row"``: bound each tensor's, or each
-            output row's, update relative to its weight (Kosson et al. 2024; module docstring).
+            output row's, update relative to its weight; ``"rotational"``: rotate each output row
+            of every 2-D+ weight by the equilibrium angular update at fixed norm (Kosson et al.
+            2024; module docstring).
         update_norm: the bound, ``||u|| <= update_norm * ||p||`` (a number > 0; only with
             ``update_control``).
     """

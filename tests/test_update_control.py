@@ -1,8 +1,11 @@
 """Update-size control (Kosson et al. 2024): ``update_control="tensor" | "row"`` with ``update_norm``
-bounds every row's update relative to its weight. Fused vs reference, the bound itself, bit identity
-with ``backward_step=True`` and across backends, and the errors."""
+bounds every row's update relative to its weight; ``"rotational"`` rotates every output row by the
+equilibrium angular update at fixed norm. Fused vs reference, the bound, the norm and angle, bit
+identity with ``backward_step=True`` and across backends, and the errors."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -24,6 +27,12 @@ BOUND = {"AdamW": 5e-4, "SGD": 5e-3, "Lion": 5e-5}
 # 2^-24 max|w| per element, so sqrt(n) 2^-24 max|w| on the row's norm (absolute, _rounding).
 BOUND_RTOL = 1e-6
 NO_WARMUP = dict(warmup="none")
+# Rotational runs: weight decay sets the angular update, so every optimizer gets some.
+ROT_HYPER = {"AdamW": HYPER["AdamW"], "SGD": {**HYPER["SGD"], "weight_decay": 0.05}, "Lion": HYPER["Lion"]}
+# Fused vs reference, rotational: max|fused - reference| / max|reference| on the master after 30
+# steps. The fused row sums are float32 in chunk order and the orthogonal part's norm comes from
+# them (||u||^2 - (u.w)^2 / w.w), the reference's from torch's reductions of u_perp itself.
+ROT_RTOL = 1e-5
 
 
 def _rows(t: torch.Tensor, control: str) -> torch.Tensor:
@@ -118,16 +127,18 @@ def test_loose_bound_is_the_plain_step(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("control", ("row", "rotational"))
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_backward_step_is_bit_identical(name):
+def test_backward_step_is_bit_identical(name, control):
     seed_all("update-control-backward", name)
     x = torch.randn(12, 8)
     runs = []
     for backward_step in (False, True):
         torch.manual_seed(1)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(torch.bfloat16)
+        bound = BOUND[name] if control == "row" else None
         opt = getattr(fusedwarm, name)(model.parameters(), seed=2, backward_step=backward_step, extra_bits=0,
-                                       **HYPER[name], update_control="row", update_norm=BOUND[name])
+                                       **ROT_HYPER[name], update_control=control, update_norm=bound)
         for _ in range(6):
             model(x.to(torch.bfloat16)).float().square().mean().backward()
             opt.step()
@@ -137,8 +148,60 @@ def test_backward_step_is_bit_identical(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_rotational_matches_reference(name):
+    seed_all("rotational-ref", name)
+    init = [torch.randn(s) for s in SHAPES]
+    kw = {**ROT_HYPER[name], "warmup": "linear", "warmup_steps": 10, "update_control": "rotational"}
+    fused_params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in init]
+    ref_params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in init]
+    fused = getattr(fusedwarm, name)(fused_params, state_dtype=torch.float32, seed=1, **kw)
+    ref = getattr(reference, name)(ref_params, **kw)
+    for gs in _grads(init, 30, inf_at=4):
+        for opt, params in ((fused, fused_params), (ref, ref_params)):
+            for p, g in zip(params, gs):
+                p.grad = g.to(p.dtype)
+            opt.step()
+    for p, q in zip(fused_params, ref_params):
+        assert rel_err(fused.master_weight(p), ref.master_weight(q)) < ROT_RTOL
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_rotational_keeps_norms_and_sets_the_angle(name):
+    seed_all("rotational-angle", name)
+    init = [torch.randn(s) for s in SHAPES]
+    kw = {**ROT_HYPER[name], **NO_WARMUP}
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = getattr(fusedwarm, name)(params, seed=1, update_control="rotational", **kw)
+    plain_params = [torch.nn.Parameter(t.clone()) for t in init]
+    plain = getattr(fusedwarm, name)(plain_params, seed=1, **kw)
+    eta = reference.equilibrium_update(opt.param_groups[0], kw["lr"])
+    for _ in range(3):
+        before = [p.detach().clone() for p in params]
+        gs = [torch.randn(p.shape) for p in params]
+        for ps, o in ((params, opt), (plain_params, plain)):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            o.step()
+        for p, b in zip(params, before):
+            if p.dim() < 2:
+                continue
+            w, new = _rows(b, "row"), _rows(p.detach(), "row")
+            norm = w.norm(dim=1)
+            slack = BOUND_RTOL * norm + _rounding(w)
+            assert torch.all((new.norm(dim=1) - norm).abs() <= slack)
+            radial = (new * w).sum(dim=1, keepdim=True) / norm[:, None] ** 2
+            tangential = (new - radial * w).norm(dim=1)
+            assert torch.all((tangential / radial[:, 0] - eta * norm).abs() <= slack)
+    # The 1-D tensor took exactly the plain optimizer's steps, weight decay included.
+    assert torch.equal(params[1], plain_params[1])
+    assert math.isfinite(eta) and eta > 0
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(update_control="neuron", update_norm=0.1), "Invalid update_control"),
+    (dict(update_control="rotational", update_norm=0.1), "needs update_control='tensor' or 'row'"),
+    (dict(update_control="rotational", weight_decay=0.0), "needs weight_decay > 0"),
     (dict(update_norm=0.1), "needs update_control"),
     (dict(update_control="row"), "Invalid update_norm"),
     (dict(update_control="row", update_norm=0.0), "Invalid update_norm"),
@@ -161,8 +224,11 @@ def _sgd_args(n: int = 12):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(update_norm=0.1), "go together"),
-    (dict(update_rows=[1]), "go together"),
+    (dict(update_norm=0.1), "update_rows goes with"),
+    (dict(update_rows=[1]), "update_rows goes with"),
+    (dict(rotational=True), "update_rows goes with"),
+    (dict(update_norm=0.1, update_rows=[1], rotational=True), "choose one"),
+    (dict(rotational=True, update_rows=[1]), "needs weight_decay > 0"),
     (dict(update_norm=0.0, update_rows=[1]), "update_norm must be a finite number > 0"),
     (dict(update_norm=0.1, update_rows=[1, 1]), "one entry per parameter"),
     (dict(update_norm=0.1, update_rows=[5]), r"update_rows\[0\] must be >= 1 and divide"),
@@ -191,7 +257,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("control", CONTROLS)
+@pytest.mark.parametrize("control", (*CONTROLS, "rotational"))
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_cuda_matches_cpu_bit_for_bit(name, control):
     seed_all("update-control-cuda", name, control)
@@ -200,8 +266,8 @@ def test_cuda_matches_cpu_bit_for_bit(name, control):
     masters = []
     for device in ("cpu", "cuda"):
         params = [torch.nn.Parameter(t.to(device, torch.bfloat16)) for t in init]
-        opt = getattr(fusedwarm, name)(params, seed=9, extra_bits=0, **HYPER[name], update_control=control,
-                                       update_norm=BOUND[name])
+        opt = getattr(fusedwarm, name)(params, seed=9, extra_bits=0, **ROT_HYPER[name], update_control=control,
+                                       update_norm=None if control == "rotational" else BOUND[name])
         for gs in grads:
             for p, g in zip(params, gs):
                 p.grad = g.to(device, torch.bfloat16)

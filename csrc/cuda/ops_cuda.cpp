@@ -39,7 +39,7 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   auto* slots = static_cast<gpu::TensorSlot*>(host.data_ptr());
   int64_t num_tiles = 0, num_chunks = 0, num_rows = 0;
   int64_t s = 0;
-  const bool control = L.update_norm.has_value();
+  const bool control = L.control.mode != fw::kControlNone;
   for (size_t i = 0; i < L.params.size(); ++i) {
     const int64_t numel = L.params[i].numel();
     if (numel == 0) continue;
@@ -68,13 +68,15 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     num_tiles += gpu::tiles_of(numel);
     slots[s++] = t;
   }
-  // Update-size control's device scratch: the chunk sums, then the rows' factors. Both are freed
-  // to the caching allocator on this stream, after the kernels that use them.
+  // Update-size control's device scratch: the chunk sums, then the rows' coefficients (float32
+  // words). It is freed to the caching allocator on this stream, after the kernels that use it.
+  static_assert(sizeof(fw::NormSums) == 3 * sizeof(float) && sizeof(fw::RowCoef) == 2 * sizeof(float),
+                "scratch layout");
   at::Tensor scratch;
   if (control) {
-    scratch = at::empty({2 * num_chunks + num_rows}, at::TensorOptions().dtype(at::kFloat).device(device));
-    float* row_scales = scratch.data_ptr<float>() + 2 * num_chunks;
-    for (int64_t j = 0; j < num_slots; ++j) slots[j].row_scale = row_scales + slots[j].first_row;
+    scratch = at::empty({3 * num_chunks + 2 * num_rows}, at::TensorOptions().dtype(at::kFloat).device(device));
+    auto* coefs = reinterpret_cast<fw::RowCoef*>(scratch.data_ptr<float>() + 3 * num_chunks);
+    for (int64_t j = 0; j < num_slots; ++j) slots[j].row_coef = coefs + slots[j].first_row;
   }
   at::Tensor dev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   dev.copy_(host, /*non_blocking=*/true);
@@ -88,8 +90,8 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   args.seed = static_cast<uint64_t>(L.seed);
   args.num_rows = num_rows;
   args.num_chunks = num_chunks;
-  args.partials = control ? scratch.data_ptr<float>() : nullptr;
-  args.update_norm = control ? static_cast<float>(*L.update_norm) : 0.0f;
+  args.partials = control ? reinterpret_cast<fw::NormSums*>(scratch.data_ptr<float>()) : nullptr;
+  args.control = L.control;
   const cudaError_t err = gpu::launch_step<Rule, P, S, M>(args, h, stream.stream());
   TORCH_CHECK(err == cudaSuccess, "fusedwarm: launching the CUDA step kernel on ", device, " failed: ",
               cudaGetErrorString(err));

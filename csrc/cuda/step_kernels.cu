@@ -56,7 +56,7 @@ struct SlotUpdate {
   int64_t numel;
   uint64_t stream;
   float grad_scale;
-  const float* row_scale;
+  const fw::RowCoef* row_coef;
   int64_t row_size;
   typename Rule::Scalars scalars;
 
@@ -70,16 +70,16 @@ struct SlotUpdate {
         state1(static_cast<St*>(t.state[1])),
         numel(t.numel),
         grad_scale(t.grad_scale != nullptr ? *t.grad_scale : 1.0f),
-        row_scale(t.row_scale),
+        row_coef(t.row_coef),
         row_size(t.row_size) {
     const int64_t step = *t.step;
     stream = fw::stream_key(seed, t.tensor_id, static_cast<uint64_t>(step));
     scalars = Rule::template scalars<fw::Ieee>(hyper, lr, step);
   }
 
-  // Element k's update-size factor (1 without control).
-  __device__ __forceinline__ float update_scale(int64_t k) const {
-    return row_scale != nullptr ? row_scale[k / row_size] : 1.0f;
+  // Element k's update-size coefficients (1, 1 without control).
+  __device__ __forceinline__ fw::RowCoef coef(int64_t k) const {
+    return row_coef != nullptr ? row_coef[k / row_size] : fw::RowCoef{1.0f, 1.0f};
   }
 
   // Each of these returns the number of elements it skipped for a non-finite gradient.
@@ -89,8 +89,9 @@ struct SlotUpdate {
     St s0{}, s1{};
     if constexpr (kStates > 0) s0 = state0[k];
     if constexpr (kStates > 1) s1 = state1[k];
+    const fw::RowCoef c = coef(k);
     const bool ok = fw::update_element<Rule, P, S, M>(scalars, stream, static_cast<uint64_t>(k), param[k], e, grad[k],
-                                                   grad_scale, s0, s1, update_scale(k));
+                                                   grad_scale, s0, s1, c.alpha, c.beta);
     if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
     if constexpr (kStates > 0) state0[k] = s0;
     if constexpr (kStates > 1) state1[k] = s1;
@@ -113,8 +114,9 @@ struct SlotUpdate {
     for (int i = 0; i < kPack; ++i) {
       int32_t e = 0;
       if constexpr (kExtra) e = x.v[i];
+      const fw::RowCoef c = coef(k0 + i);
       const bool ok = fw::update_element<Rule, P, S, M>(scalars, stream, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i],
-                                                     grad_scale, s0.v[i], s1.v[i], update_scale(k0 + i));
+                                                     grad_scale, s0.v[i], s1.v[i], c.alpha, c.beta);
       if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
       skipped += ok ? 0 : 1;
     }
@@ -189,9 +191,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, cons
   }
 }
 
-// Update-size control, first pass: thread g sums global chunk g's squared updates and weights in
-// index order (fw::norm_accumulate) into partials[2 g], partials[2 g + 1]. Nothing is written to
-// the tensors.
+// Update-size control, first pass: thread g sums global chunk g in index order
+// (fw::norm_accumulate) into partials[g]. Nothing is written to the tensors.
 template <class Rule, class P, class S, class M>
 __global__ void __launch_bounds__(kThreads) norm_chunks_kernel(const LaunchArgs a, const typename Rule::Hyper hyper) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -205,29 +206,31 @@ __global__ void __launch_bounds__(kThreads) norm_chunks_kernel(const LaunchArgs 
   const float lr = a.lr != nullptr ? *a.lr : a.lr_value;
   const SlotUpdate<Rule, P, S, M> u(t, hyper, lr, a.seed);
   using St = typename S::storage;
-  float uu = 0.0f, ww = 0.0f;
+  fw::NormSums sums{0.0f, 0.0f, 0.0f};
   for (int64_t k = first; k < last; ++k) {
     float p0, d;
     fw::element_delta<Rule, P, S, M>(u.scalars, u.param[k], P::K > 0 ? static_cast<int32_t>(u.extra[k]) : 0,
                                      u.grad[k], u.grad_scale, Rule::kStates > 0 ? u.state0[k] : St{},
                                      Rule::kStates > 1 ? u.state1[k] : St{}, p0, d);
-    fw::norm_accumulate(uu, ww, p0, d);
+    fw::norm_accumulate(sums, p0, d);
   }
-  a.partials[2 * g] = uu;
-  a.partials[2 * g + 1] = ww;
+  a.partials[g] = sums;
 }
 
 // Update-size control, second pass: thread r adds global row r's chunk sums in chunk order
-// (fw::norm_accumulate_chunk) and writes the row's factor (fw::bound_scale).
-__global__ void __launch_bounds__(kThreads) row_scales_kernel(const LaunchArgs a) {
+// (fw::norm_accumulate_chunk) and writes the row's coefficients (fw::row_coefficients).
+template <class Rule>
+__global__ void __launch_bounds__(kThreads) row_coefficients_kernel(const LaunchArgs a,
+                                                                    const typename Rule::Hyper hyper) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (r >= a.num_rows) return;
   const TensorSlot t = a.slots[find_slot<&TensorSlot::first_row>(a.slots, a.num_slots, r)];
   const int64_t row = r - t.first_row;
-  const float* p = a.partials + 2 * (t.first_chunk + row * t.chunks_per_row);
-  float uu = 0.0f, ww = 0.0f;
-  for (int64_t j = 0; j < t.chunks_per_row; ++j) fw::norm_accumulate_chunk(uu, ww, p[2 * j], p[2 * j + 1]);
-  t.row_scale[row] = fw::bound_scale(uu, ww, a.update_norm);
+  const fw::NormSums* p = a.partials + t.first_chunk + row * t.chunks_per_row;
+  fw::NormSums sums{0.0f, 0.0f, 0.0f};
+  for (int64_t j = 0; j < t.chunks_per_row; ++j) fw::norm_accumulate_chunk(sums, p[j]);
+  const float lr = a.lr != nullptr ? *a.lr : a.lr_value;
+  t.row_coef[row] = fw::row_coefficients(a.control, fw::effective_lr(hyper.schedule, lr, *t.step), sums);
 }
 
 int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
@@ -242,7 +245,8 @@ cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hype
         <<<static_cast<unsigned int>(blocks_for(args.num_chunks)), kThreads, 0, stream>>>(args, hyper);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    row_scales_kernel<<<static_cast<unsigned int>(blocks_for(args.num_rows)), kThreads, 0, stream>>>(args);
+    row_coefficients_kernel<Rule>
+        <<<static_cast<unsigned int>(blocks_for(args.num_rows)), kThreads, 0, stream>>>(args, hyper);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -37,7 +37,7 @@ struct TensorSlot {
   uint32_t vectorized;   // 1 when every pointer above is kVectorAlign-aligned
   // Update-size control (update.cuh), used when LaunchArgs::num_rows > 0: the tensor is cut into
   // numel / row_size rows of row_size elements, each of chunks_per_row kNormChunk-element chunks.
-  float* row_scale;      // the rows' factors (written by the launch before the step)
+  fw::RowCoef* row_coef;  // the rows' coefficients (written by the launch before the step)
   int64_t row_size;
   int64_t chunks_per_row;
   int64_t first_chunk;   // number of chunks in all earlier slots
@@ -54,18 +54,18 @@ struct LaunchArgs {
   const float* lr;          // device pointer to the learning rate, or nullptr to use lr_value
   float lr_value;
   uint64_t seed;
-  // Update-size control: off when num_rows == 0. Otherwise partials holds 2 num_chunks floats of
-  // scratch (each chunk's sums of squares) and every slot's row_scale points into device memory.
+  // Update-size control: off when num_rows == 0. Otherwise partials holds num_chunks entries of
+  // scratch (each chunk's sums) and every slot's row_coef points into device memory.
   int64_t num_rows;
   int64_t num_chunks;
-  float* partials;
-  float update_norm;  // the largest ||u|| / ||w|| of a row
+  fw::NormSums* partials;
+  fw::Control control;
 };
 
 // Enqueues one step of Rule on `stream` for every slot and returns the launch status. Nothing
 // is synchronized: lr and the steps are read on the device when the kernel runs. With update-size
-// control, two kernels first compute every row's factor in update.cuh's summation order (one
-// thread per chunk, then one thread per row), so the factors equal the CPU backend's bit for bit. Instantiated
+// control, two kernels first compute every row's coefficients in update.cuh's summation order (one
+// thread per chunk, then one thread per row), so they equal the CPU backend's bit for bit. Instantiated
 // for every Rule, every ParamF32 / ParamHalf<BF16Format|F16Format, 0|8|16>, and StateF32 /
 // StateBF16, and both arithmetic policies M (fw::Ieee, fw::Pam).
 template <class Rule, class P, class S, class M>
