@@ -3,6 +3,8 @@
 // fusedwarm/_ops.py.
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "cpu/pam_cpu.h"
 #include "cpu/step_cpu.h"
 #include "ops_impl.h"
@@ -168,6 +170,34 @@ void check_step_lists(const char* op, const StepLists& L, int num_states) {
   }
 }
 
+void set_update_control(const char* op, StepLists& L, std::optional<double> update_norm,
+                        at::OptionalIntArrayRef update_rows, bool rotational, double eq_coef) {
+  TORCH_CHECK(!(rotational && update_norm), "fusedwarm.", op,
+              ": rotational=True and update_norm are two update-size controls, choose one");
+  TORCH_CHECK((update_norm.has_value() || rotational) == update_rows.has_value(), "fusedwarm.", op,
+              ": update_rows goes with update_norm or rotational=True (both or neither)");
+  if (!update_rows) return;
+  if (update_norm) {
+    TORCH_CHECK(std::isfinite(*update_norm) && *update_norm > 0.0, "fusedwarm.", op,
+                ": update_norm must be a finite number > 0, got ", *update_norm);
+  } else {
+    TORCH_CHECK(std::isfinite(eq_coef) && eq_coef > 0.0, "fusedwarm.", op,
+                ": rotational=True needs weight_decay > 0 (it sets the equilibrium angular update)");
+  }
+  const size_t n = L.params.size();
+  TORCH_CHECK(update_rows->size() == n, "fusedwarm.", op, ": expected update_rows to have one entry per parameter (",
+              n, "), got ", update_rows->size());
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t rows = (*update_rows)[i];
+    const int64_t numel = L.params[i].numel();
+    TORCH_CHECK(rows >= 1 && (numel == 0 || numel % rows == 0), "fusedwarm.", op, ": update_rows[", i,
+                "] must be >= 1 and divide params[", i, "].numel() = ", numel, ", got ", rows);
+  }
+  L.control = update_norm ? fw::Control{fw::kControlBound, static_cast<float>(*update_norm), 0.0f}
+                          : fw::Control{fw::kControlRotational, 0.0f, static_cast<float>(eq_coef)};
+  L.update_rows = update_rows->vec();
+}
+
 at::Tensor master_weight_cpu(const at::Tensor& param, const at::Tensor& extra, int64_t extra_bits) {
   TORCH_CHECK(extra_bits == 0 || extra_bits == 8 || extra_bits == 16,
               "fusedwarm.master_weight: extra_bits must be 0, 8 or 16, got ", extra_bits);
@@ -278,23 +308,27 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key) {
 #define FW_SCHEDULE_SCHEMA                                                                            \
   "str warmup=\"none\", int warmup_steps=0, float warmup_start=0., int total_steps=0, int decay_steps=0, " \
   "str decay_shape=\"none\", float final_fraction=0."
+// Update-size control (update.cuh): off unless update_rows is given with update_norm (bound) or
+// rotational=True.
+#define FW_CONTROL_SCHEMA "float? update_norm=None, int[]? update_rows=None, bool rotational=False"
 
 TORCH_LIBRARY(fusedwarm, m) {
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, "
       "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize, str arithmetic=\"ieee\", "
-      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", str v_init=\"zero\") -> ()");
+      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", str v_init=\"zero\", " FW_CONTROL_SCHEMA
+      ") -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] momentum_buffers, "
       "Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, str arithmetic=\"ieee\", "
-      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ") -> ()");
+      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", " FW_CONTROL_SCHEMA ") -> ()");
   m.def(
       "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, Tensor[] steps, "
       "int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float beta1, float beta2, "
       "float weight_decay, bool maximize, str arithmetic=\"ieee\", Tensor? grad_scales=None, "
-      "Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ") -> ()");
+      "Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", " FW_CONTROL_SCHEMA ") -> ()");
   m.def("schedule_factors(Tensor steps, float beta2, " FW_SCHEDULE_SCHEMA ") -> Tensor");
   m.def("schedule_math(Tensor x, str fn) -> Tensor");
   m.def("master_weight(Tensor param, Tensor extra, int extra_bits) -> Tensor");

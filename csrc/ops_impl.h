@@ -26,6 +26,26 @@ fw::Schedule parse_schedule(const char* op, c10::string_view warmup, int64_t war
       c10::string_view decay_shape, double final_fraction
 #define FW_SCHEDULE_ARGS warmup, warmup_steps, warmup_start, total_steps, decay_steps, decay_shape, final_fraction
 
+// Update-size control arguments (appended after the schedule's and the rule's own).
+#define FW_CONTROL_PARAMS \
+  std::optional<double> update_norm, at::OptionalIntArrayRef update_rows, bool rotational
+#define FW_CONTROL_ARGS update_norm, update_rows, rotational
+
+// Checks the update-size control arguments against the call's tensors and stores them in L.
+// `eq_coef` is the rule's equilibrium coefficient (eta^2 / lr, used when rotational).
+void set_update_control(const char* op, StepLists& L, std::optional<double> update_norm,
+                        at::OptionalIntArrayRef update_rows, bool rotational, double eq_coef);
+
+// The equilibrium angular updates of Kosson et al. 2024 (Rotational Equilibrium, Table 1), as
+// eta^2 / lr: AdamW sqrt(2 lr wd (1 - b1) / (1 + b1)), SGD sqrt(2 lr wd / (1 + momentum)), Lion
+// sqrt(pi / 2) sqrt(2 lr wd) sqrt((1 - b1)^2 + b1^2 (1 - b2) / (1 + b2)).
+inline double adamw_eq_coef(double beta1, double wd) { return 2.0 * wd * (1.0 - beta1) / (1.0 + beta1); }
+inline double sgd_eq_coef(double momentum, double wd) { return 2.0 * wd / (1.0 + momentum); }
+inline double lion_eq_coef(double beta1, double beta2, double wd) {
+  const double pi = 3.14159265358979323846;
+  return pi * wd * ((1.0 - beta1) * (1.0 - beta1) + beta1 * beta1 * (1.0 - beta2) / (1.0 + beta2));
+}
+
 template <class Backend>
 struct OpImpls {
   static void adamw_(at::TensorList params, at::TensorList grads, at::TensorList extras, at::TensorList exp_avgs,
@@ -33,7 +53,8 @@ struct OpImpls {
                      const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                      double beta1, double beta2, double eps, double weight_decay, bool maximize,
                      c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                     const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, c10::string_view v_init) {
+                     const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, c10::string_view v_init,
+                     FW_CONTROL_PARAMS) {
     TORCH_CHECK(v_init == "zero" || v_init == "grad", "fusedwarm.adamw_: v_init must be 'zero' or 'grad', got '",
                 std::string(v_init), "'");
     TORCH_CHECK(!(v_init == "grad" && warmup == "radam"), "fusedwarm.adamw_: v_init='grad' and warmup='radam' ",
@@ -42,9 +63,10 @@ struct OpImpls {
                                   lr, extra_bits, seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("adamw_", arithmetic);
     check_step_lists("adamw_", L, fw::AdamW::kStates);
+    set_update_control("adamw_", L, FW_CONTROL_ARGS, adamw_eq_coef(beta1, weight_decay));
     const fw::AdamW::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                              static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                             static_cast<float>(eps),         static_cast<float>(weight_decay),
+                             static_cast<float>(eps),         static_cast<float>(rotational ? 0.0 : weight_decay),
                              maximize,
                              v_init == "grad",
                              parse_schedule("adamw_", FW_SCHEDULE_ARGS, beta2, true)};
@@ -56,22 +78,24 @@ struct OpImpls {
                    const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                   const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS) {
+                   const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, FW_CONTROL_PARAMS) {
     const bool pam = parse_arithmetic("sgd_", arithmetic);
     const fw::SGD::Hyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-                           static_cast<float>(weight_decay), nesterov, maximize,
+                           static_cast<float>(rotational ? 0.0 : weight_decay), nesterov, maximize,
                            parse_schedule("sgd_", FW_SCHEDULE_ARGS, std::nullopt, false)};
     if (momentum == 0.0) {
       StepLists L = make_step_lists(params, grads, extras, {}, steps, tensor_ids, lr_tensor, lr, extra_bits, seed,
                                     grad_scales, nonfinite);
       L.pam = pam;
       check_step_lists("sgd_", L, fw::SGD::kStates);
+      set_update_control("sgd_", L, FW_CONTROL_ARGS, sgd_eq_coef(momentum, weight_decay));
       Backend::template run<fw::SGD>(L, h);
     } else {
       StepLists L = make_step_lists(params, grads, extras, {momentum_buffers}, steps, tensor_ids, lr_tensor, lr,
                                     extra_bits, seed, grad_scales, nonfinite);
       L.pam = pam;
       check_step_lists("sgd_", L, fw::SGDMomentum::kStates);
+      set_update_control("sgd_", L, FW_CONTROL_ARGS, sgd_eq_coef(momentum, weight_decay));
       Backend::template run<fw::SGDMomentum>(L, h);
     }
   }
@@ -80,14 +104,15 @@ struct OpImpls {
                     at::TensorList steps, at::IntArrayRef tensor_ids, const std::optional<at::Tensor>& lr_tensor,
                     double lr, int64_t extra_bits, int64_t seed, double beta1, double beta2, double weight_decay,
                     bool maximize, c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                    const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS) {
+                    const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, FW_CONTROL_PARAMS) {
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr, extra_bits,
                                   seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("lion_", arithmetic);
     check_step_lists("lion_", L, fw::Lion::kStates);
+    set_update_control("lion_", L, FW_CONTROL_ARGS, lion_eq_coef(beta1, beta2, weight_decay));
     const fw::Lion::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                             static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                            static_cast<float>(weight_decay), maximize,
+                            static_cast<float>(rotational ? 0.0 : weight_decay), maximize,
                             parse_schedule("lion_", FW_SCHEDULE_ARGS, beta2, false)};
     Backend::template run<fw::Lion>(L, h);
   }

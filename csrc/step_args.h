@@ -23,6 +23,10 @@ struct StepLists {
   // Element arithmetic: IEEE fp32, or piecewise-affine (pam.cuh) for multiply, divide and sqrt.
   // The per-tensor scalars (Rule::scalars: bias corrections, decay factor) are IEEE either way.
   bool pam = false;
+  // Update-size control (update.cuh, row_coefficients); with a mode other than kControlNone,
+  // update_rows[i] is the number of rows tensor i is cut into (1: the whole tensor).
+  fw::Control control{fw::kControlNone, 0.0f, 0.0f};
+  std::vector<int64_t> update_rows;
 };
 
 // "ieee" -> false, "pam" -> true; anything else is an error naming the op.

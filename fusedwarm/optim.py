@@ -46,6 +46,30 @@ optimization*): linear over ``2 / (1 - beta2)`` updates for AdamW (2000 for ``be
 ``2 / (1 - beta2)`` updates of Lion's momentum EMA for Lion (200 for ``beta2 = 0.99``) and none for
 SGD, which has no EMA whose zero initialization it would cover. Pass ``warmup="none"`` for exactly
 ``torch.optim``'s behaviour. :meth:`FusedOptimizer.last_factors` reads the factors as device tensors.
+
+Update-size control (``update_control=``, ``update_norm=``; Kosson et al. 2024, *Analyzing &
+Reducing the Need for Learning Rate Warmup in GPT Training*, after their *Rotational Equilibrium*,
+ICML 2024) bounds each step relative to the weight: with ``update_control="tensor"`` every tensor's
+update ``u = p_new - p`` (the whole step, weight decay included), with ``"row"`` every output row's
+(dim 0 of a weight with two or more dimensions; 1-D tensors count as one row) is scaled by
+``min(1, update_norm * ||p|| / ||u||)``, so ``||u|| <= update_norm * ||p||``. Rows whose weight or
+update is zero are not scaled; the optimizer states move exactly as without control. The sums of
+squares are float32 in a fixed order (1024-element chunks summed in order, then the chunk sums in
+order) that the CPU and CUDA backends share, so they agree bit for bit; they cost one extra read
+pass over the weights, gradients and states inside the fused call, and nothing extra in memory but
+three floats per 1024 elements.
+
+``update_control="rotational"`` (after Kosson et al.'s *Rotational Equilibrium*) keeps every output
+row's norm fixed and sets its angular update: the rule's update without weight decay loses its
+radial part, ``u_perp = u - (u.p / p.p) p``, is scaled to ``||u_perp|| = eta ||p||`` and the row
+becomes ``(p + u_perp) / sqrt(1 + eta^2)``, where ``eta`` is the equilibrium angular update that
+weight decay would reach (AdamW ``sqrt(2 lr wd (1 - b1) / (1 + b1))``, SGD
+``sqrt(2 lr wd / (1 + momentum))``, Lion ``sqrt(pi / 2) sqrt(2 lr wd) sqrt((1 - b1)^2 + b1^2 (1 - b2) /
+(1 + b2))``) with ``lr`` the effective lr (warmup and schedule included). Weight decay enters only
+through ``eta`` (it must be > 0). Tensors of one dimension (gains, biases) take the plain step, as
+in the paper; a row whose weight is zero takes the rule's step without weight decay, one whose
+update is purely radial stays. Elements skipped for a non-finite gradient stay as they were, so
+their row's norm is then kept only approximately.
 """
 
 from __future__ import annotations
@@ -70,6 +94,7 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 ARITHMETICS = ("ieee", "pam")
 _EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
+UPDATE_CONTROLS = (None, "tensor", "row", "rotational")
 
 
 def _check_nonneg(name: str, value: Any) -> None:
@@ -172,6 +197,27 @@ def _release(p: Tensor, opt: Any) -> None:
         del _OWNERS[id(p)]
 
 
+def _check_update_control(group: dict[str, Any]) -> None:
+    control, bound = group.get("update_control"), group.get("update_norm")
+    if control not in UPDATE_CONTROLS:
+        raise ValueError(f"Invalid update_control: {control!r} (expected one of {UPDATE_CONTROLS})")
+    if control is None or control == "rotational":
+        if bound is not None:
+            raise ValueError(f"update_norm={bound!r} needs update_control='tensor' or 'row'")
+        if control == "rotational" and not group.get("weight_decay", 0) > 0:
+            raise ValueError("update_control='rotational' needs weight_decay > 0: it sets the equilibrium angular "
+                             "update")
+        return
+    if (not isinstance(bound, (int, float)) or isinstance(bound, bool) or not math.isfinite(bound)
+            or bound <= 0):
+        raise ValueError(f"Invalid update_norm: {bound!r} (update_control={control!r} needs a finite number > 0)")
+
+
+def _update_rows(control: str, p: Tensor) -> int:
+    """The number of rows ``p``'s update is bounded in: its output rows for ``"row"`` and 2-D+."""
+    return p.shape[0] if control == "row" and p.dim() >= 2 and p.numel() > 0 else 1
+
+
 def _check_arithmetic(arithmetic: Any) -> None:
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"Invalid arithmetic: {arithmetic!r} (expected one of {ARITHMETICS})")
@@ -224,6 +270,7 @@ class FusedOptimizer(Optimizer):
         _check_common(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
         _check_driver(backward_step, bucket_cap_mb, max_grad_norm, clip, loss_scale)
         _check_arithmetic(defaults.get("arithmetic", "ieee"))
+        _check_update_control(defaults)
         defaults["schedule"] = schedules.as_dict(defaults["schedule"])
         _check_warmup(type(self).__name__, self._warmups, defaults)
         if defaults["seed"] is None:
@@ -336,6 +383,7 @@ class FusedOptimizer(Optimizer):
         merged = {**getattr(self, "defaults", {}), **group}
         _check_common(merged.get("extra_bits", 16), merged.get("state_dtype"), merged.get("seed"))
         _check_arithmetic(merged.get("arithmetic", "ieee"))
+        _check_update_control(merged)
         self._check_hyper(merged)
         _check_warmup(type(self).__name__, self._warmups, merged)
 
@@ -542,7 +590,28 @@ class FusedOptimizer(Optimizer):
         return m.expand(len(grads)).contiguous()
 
     def _launch(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
-        """One fused call for ``params`` (one group, device and dtype) with the given gradients."""
+        """Updates ``params`` (one group, device and dtype) with the given gradients.
+
+        One fused call, or two with ``update_control="rotational"``: tensors of one dimension
+        (gains, biases; excluded by Kosson et al. 2024) take the plain step with weight decay.
+        """
+        control = self.param_groups[gi].get("update_control")
+        if control == "rotational":
+            rot = [i for i, p in enumerate(params) if p.dim() >= 2]
+            plain = [i for i, p in enumerate(params) if p.dim() < 2]
+            if rot:
+                self._launch_call(gi, [params[i] for i in rot], [grads[i] for i in rot],
+                                  dict(rotational=True, update_rows=[_update_rows("row", params[i]) for i in rot]))
+            if plain:
+                self._launch_call(gi, [params[i] for i in plain], [grads[i] for i in plain], {})
+        elif control is not None:
+            self._launch_call(gi, params, grads, dict(update_norm=float(self.param_groups[gi]["update_norm"]),
+                                                      update_rows=[_update_rows(control, p) for p in params]))
+        else:
+            self._launch_call(gi, params, grads, {})
+
+    def _launch_call(self, gi: int, params: list[Tensor], grads: list[Tensor], controls: dict[str, Any]) -> None:
+        """One fused call for ``params`` with the op's update-size control arguments ``controls``."""
         group = self.param_groups[gi]
         device = params[0].device
         states = [self._init_state(group, p) for p in params]
@@ -572,6 +641,7 @@ class FusedOptimizer(Optimizer):
             grad_scales=self._grad_scales(device, ids, grads),
             nonfinite=skipped,
             **self._schedule_args(group),
+            **controls,
         )
         self._skips.append((params, skipped))
         for p, w in zip(params, work):
@@ -973,6 +1043,12 @@ class AdamW(FusedOptimizer):
             ``to_dict()``; ``None`` is constant. Multiplies lr after the warmup.
         v_init: ``"zero"`` (Adam) or ``"grad"``: GI-Adam (Kalra & Barkeshli 2024), the second moment
             starts at the first squared gradient and then needs no bias correction.
+        update_control: ``None`` (default), ``"tensor"`` or ``"row"``: bound each tensor's, or each
+            output row's, update relative to its weight; ``"rotational"``: rotate each output row
+            of every 2-D+ weight by the equilibrium angular update at fixed norm (Kosson et al.
+            2024; module docstring).
+        update_norm: the bound, ``||u|| <= update_norm * ||p||`` (a number > 0; only with
+            ``update_control``).
     """
 
     _op_name = "adamw_"
@@ -1003,11 +1079,13 @@ class AdamW(FusedOptimizer):
         max_grad_norm: float | None = None,
         clip: str = "global",
         loss_scale: float | str | None = None,
+        update_control: str | None = None,
+        update_norm: float | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         extra_bits=extra_bits, state_dtype=state_dtype, seed=seed, arithmetic=arithmetic,
                         warmup=warmup, warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule,
-                        v_init=v_init)
+                        v_init=v_init, update_control=update_control, update_norm=update_norm)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
@@ -1047,7 +1125,7 @@ class SGD(FusedOptimizer):
             :class:`torch.optim.SGD`'s behaviour. ``"linear"`` (with ``warmup_steps``,
             ``warmup_start``) and ``"none"`` are supported.
         extra_bits, state_dtype, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
-            bucket_cap_mb, max_grad_norm, clip, loss_scale: see :class:`AdamW`.
+            bucket_cap_mb, max_grad_norm, clip, loss_scale, update_control, update_norm: see :class:`AdamW`.
     """
 
     _op_name = "sgd_"
@@ -1078,11 +1156,14 @@ class SGD(FusedOptimizer):
         max_grad_norm: float | None = None,
         clip: str = "global",
         loss_scale: float | str | None = None,
+        update_control: str | None = None,
+        update_norm: float | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype,
                         seed=seed, arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
-                        warmup_start=warmup_start, schedule=schedule)
+                        warmup_start=warmup_start, schedule=schedule, update_control=update_control,
+                        update_norm=update_norm)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)
@@ -1118,7 +1199,7 @@ class Lion(FusedOptimizer):
             rule rather than their derivation. ``"untuned-exp"``, ``"linear"`` and ``"none"`` are
             supported; ``"radam"`` (no second moment) is not.
         extra_bits, state_dtype, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
-            bucket_cap_mb, max_grad_norm, clip, loss_scale: see :class:`AdamW`.
+            bucket_cap_mb, max_grad_norm, clip, loss_scale, update_control, update_norm: see :class:`AdamW`.
     """
 
     _op_name = "lion_"
@@ -1147,10 +1228,13 @@ class Lion(FusedOptimizer):
         max_grad_norm: float | None = None,
         clip: str = "global",
         loss_scale: float | str | None = None,
+        update_control: str | None = None,
+        update_norm: float | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, extra_bits=extra_bits,
                         state_dtype=state_dtype, seed=seed, arithmetic=arithmetic, warmup=warmup,
-                        warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule)
+                        warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule,
+                        update_control=update_control, update_norm=update_norm)
         self._check_hyper(defaults)
         super().__init__(params, defaults, backward_step=backward_step, bucket_cap_mb=bucket_cap_mb,
                          max_grad_norm=max_grad_norm, clip=clip, loss_scale=loss_scale)

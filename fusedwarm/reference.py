@@ -14,6 +14,15 @@ Warmup and schedules follow the papers' formulas in float64 (update ``t = 1, 2, 
 ``lr * warmup(t) * schedule(t)``; see :func:`warmup_factor` and :func:`schedule_factor`), with the
 same defaults as the fused optimizers: ``warmup="untuned"`` (none for SGD), constant schedule.
 
+Update-size control (``update_control="tensor"`` or ``"row"`` with ``update_norm``; Kosson et al.
+2024, *Analyzing & Reducing the Need for Learning Rate Warmup in GPT Training*) scales each row's
+update ``u = p_new - p`` (a tensor, or an output row along dim 0 of a 2-D+ weight) by
+``min(1, update_norm ||p|| / ||u||)``, leaving rows with ``||p|| = 0`` or ``||u|| = 0`` as they are
+(:func:`bound_update`). ``update_control="rotational"`` (Kosson et al. 2024, *Rotational
+Equilibrium*) runs the rule without weight decay on every 2-D+ weight and rotates each output row by
+the equilibrium angular update at fixed norm (:func:`rotate_update`, :func:`equilibrium_update`);
+1-D tensors take the plain step.
+
 ``arithmetic="pam"`` runs the update with piecewise-affine arithmetic (Kosson & Jaggi 2023;
 ``pam_mul`` and friends below): every per-element multiply, divide and square root is a PA
 operation, additions stay float32. The per-step scalars (bias corrections, ``1 - lr wd``, the
@@ -31,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["AdamW", "SGD", "Lion", "warmup_factor", "schedule_factor", "pam_mul", "pam_div", "pam_sqrt", "pam_exp2", "pam_log2", "pam_matmul"]
+__all__ = ["AdamW", "SGD", "Lion", "bound_update", "rotate_update", "equilibrium_update", "warmup_factor", "schedule_factor", "pam_mul", "pam_div", "pam_sqrt", "pam_exp2", "pam_log2", "pam_matmul"]
 
 ARITHMETICS = ("ieee", "pam")
 
@@ -241,6 +250,86 @@ def _schedule_dict(schedule: Any) -> dict[str, Any] | None:
     return schedule.to_dict() if hasattr(schedule, "to_dict") else schedule
 
 
+UPDATE_CONTROLS = (None, "tensor", "row", "rotational")
+
+
+def bound_update(before: Tensor, after: Tensor, control: str, update_norm: float) -> Tensor:
+    """Kosson et al. 2024's relative update bound, in float32.
+
+    Args:
+        before: the float32 master weight before the step.
+        after: the master after the unbounded step.
+        control: ``"tensor"`` (one row: the whole tensor) or ``"row"`` (rows along dim 0 of a
+            weight with two or more dimensions; a 1-D tensor is one row).
+        update_norm: the largest ``||u|| / ||p||`` of a row.
+
+    Returns:
+        ``before + c u`` with ``u = after - before`` and, per row,
+        ``c = min(1, update_norm ||before|| / ||u||)``; ``after`` itself where ``c = 1``.
+    """
+    rows = before.shape[0] if control == "row" and before.dim() >= 2 and before.numel() > 0 else 1
+    w = before.reshape(rows, -1)
+    u = (after - before).reshape(rows, -1)
+    ww, uu = (w * w).sum(dim=1, keepdim=True), (u * u).sum(dim=1, keepdim=True)
+    bound = update_norm * update_norm * ww
+    c = torch.where((ww > 0) & (uu > bound), update_norm * ww.sqrt() / uu.sqrt(), torch.ones_like(ww))
+    return torch.where(c == 1, after.reshape(rows, -1), w + c * u).reshape(before.shape)
+
+
+def equilibrium_update(group: dict[str, Any], lr: float) -> float:
+    """The equilibrium angular update of Kosson et al. 2024 (*Rotational Equilibrium*).
+
+    Args:
+        group: the param group (``betas`` for AdamW and Lion, ``momentum`` for SGD, ``weight_decay``).
+        lr: the effective learning rate (warmup and schedule included).
+
+    Returns:
+        AdamW ``sqrt(2 lr wd (1 - b1) / (1 + b1))``; SGD ``sqrt(2 lr wd / (1 + momentum))``; Lion
+        ``sqrt(pi / 2) sqrt(2 lr wd) sqrt((1 - b1)^2 + b1^2 (1 - b2) / (1 + b2))``.
+    """
+    wd = group["weight_decay"]
+    if "momentum" in group:
+        return math.sqrt(2 * lr * wd / (1 + group["momentum"]))
+    beta1, beta2 = group["betas"]
+    if "eps" in group:
+        return math.sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))
+    return math.sqrt(math.pi / 2) * math.sqrt(2 * lr * wd) * math.sqrt((1 - beta1) ** 2
+                                                                      + beta1**2 * (1 - beta2) / (1 + beta2))
+
+
+def rotate_update(before: Tensor, after: Tensor, eta: float) -> Tensor:
+    """Kosson et al. 2024's rotational update of every output row (dim 0) of a 2-D+ weight, in float32.
+
+    Args:
+        before: the float32 master weight before the step.
+        after: the master after the rule's step without weight decay.
+        eta: the angular update (:func:`equilibrium_update`).
+
+    Returns:
+        Per row, ``(w + eta ||w|| u_perp / ||u_perp||) / sqrt(1 + eta^2)`` with ``w = before``,
+        ``u = after - before`` and ``u_perp = u - (u.w / w.w) w``: the same norm as ``w``, at angle
+        ``atan(eta)`` from it. Rows with ``w = 0`` are ``after``; rows with ``u_perp = 0`` are ``before``.
+    """
+    w = before.reshape(before.shape[0], -1)
+    u = (after - before).reshape(w.shape)
+    ww = (w * w).sum(dim=1, keepdim=True)
+    safe = torch.where(ww > 0, ww, torch.ones_like(ww))
+    perp = u - (u * w).sum(dim=1, keepdim=True) / safe * w
+    pn = perp.norm(dim=1, keepdim=True)
+    rotated = (w + eta * ww.sqrt() / torch.where(pn > 0, pn, torch.ones_like(pn)) * perp) / math.sqrt(1 + eta**2)
+    out = torch.where(ww > 0, torch.where(pn > 0, rotated, w), after.reshape(w.shape))
+    return out.reshape(before.shape)
+
+
+def _check_update_control(control: Any, update_norm: Any, weight_decay: float) -> None:
+    if control not in UPDATE_CONTROLS:
+        raise ValueError(f"Invalid update_control: {control!r} (expected one of {UPDATE_CONTROLS})")
+    if (control in (None, "rotational")) != (update_norm is None):
+        raise ValueError("update_norm goes with update_control='tensor' or 'row' (both or neither)")
+    if control == "rotational" and not weight_decay > 0:
+        raise ValueError("update_control='rotational' needs weight_decay > 0")
+
+
 class _Reference(Optimizer):
     """Float32-master bookkeeping shared by the reference optimizers."""
 
@@ -278,13 +367,22 @@ class _Reference(Optimizer):
                 finite = torch.isfinite(g)
                 old = {name: state[name].clone() for name in ("master",) + self._states(group)}
                 g = torch.where(finite, g, torch.zeros_like(g))
+                control = group.get("update_control")
+                rotational = control == "rotational" and p.dim() >= 2
+                rule_group = {**group, "weight_decay": 0.0} if rotational else group
                 if group.get("arithmetic", "ieee") == "pam":
-                    self._update_pam(group, _f32(group["lr"]) * _f32(factor), state, g)
+                    self._update_pam(rule_group, _f32(group["lr"]) * _f32(factor), state, g)
                 else:
-                    self._update(group, float(group["lr"]) * factor, state, g, adaptive)
+                    self._update(rule_group, float(group["lr"]) * factor, state, g, adaptive)
                 for name, before in old.items():
                     state[name].copy_(torch.where(finite, state[name], before))
-                p.copy_(state["master"])
+                master = state["master"]
+                if rotational:
+                    eta = equilibrium_update(group, float(group["lr"]) * factor)
+                    master.copy_(torch.where(finite, rotate_update(old["master"], master, eta), old["master"]))
+                elif control in ("tensor", "row"):
+                    master.copy_(bound_update(old["master"], master, control, group["update_norm"]))
+                p.copy_(master)
         return loss
 
     def _update(self, group: dict[str, Any], lr: float, state: dict[str, Any], g: Tensor, adaptive: bool) -> None:
@@ -313,14 +411,16 @@ class AdamW(_Reference):
                  maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
                  seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned",
                  warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None,
-                 v_init: str = "zero") -> None:
+                 v_init: str = "zero", update_control: str | None = None,
+                 update_norm: float | None = None) -> None:
         _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm, weight_decay)
         if arithmetic == "pam" and (v_init != "zero" or warmup == "radam"):
             raise ValueError("reference.AdamW: arithmetic='pam' is implemented for v_init='zero' without 'radam'")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                                       arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
                                       warmup_start=warmup_start, schedule=_schedule_dict(schedule),
-                                      v_init=v_init))
+                                      v_init=v_init, update_control=update_control, update_norm=update_norm))
 
     def _update(self, group, lr, state, g, adaptive):
         beta1, beta2 = group["betas"]
@@ -373,12 +473,15 @@ class SGD(_Reference):
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
                  seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned",
-                 warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None) -> None:
+                 warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None,
+                 update_control: str | None = None, update_norm: float | None = None) -> None:
         _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm, weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize, arithmetic=arithmetic, warmup=warmup,
                                       warmup_steps=warmup_steps, warmup_start=warmup_start,
-                                      schedule=_schedule_dict(schedule)))
+                                      schedule=_schedule_dict(schedule), update_control=update_control,
+                                      update_norm=update_norm))
 
     def _states(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -424,11 +527,14 @@ class Lion(_Reference):
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *, maximize: bool = False,
                  extra_bits: int = 16, state_dtype: torch.dtype | None = None, seed: int | None = None,
                  arithmetic: str = "ieee", warmup: str = "untuned", warmup_steps: int | None = None,
-                 warmup_start: float = 0.0, schedule: Any = None) -> None:
+                 warmup_start: float = 0.0, schedule: Any = None, update_control: str | None = None,
+                 update_norm: float | None = None) -> None:
         _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm, weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                                       arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
-                                      warmup_start=warmup_start, schedule=_schedule_dict(schedule)))
+                                      warmup_start=warmup_start, schedule=_schedule_dict(schedule),
+                                      update_control=update_control, update_norm=update_norm))
 
     def _update(self, group, lr, state, g, adaptive):
         beta1, beta2 = group["betas"]

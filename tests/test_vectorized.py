@@ -45,7 +45,8 @@ PROBE = """#include "cpu/chunk.h"
 using R = fw::{rule};
 using P = {param};
 using S = {state};
-template int64_t fusedwarm::run_chunk<R, P, S, {arith}>(R::Scalars, uint64_t, float, int64_t, int64_t, P::storage*,
+template int64_t fusedwarm::run_chunk<R, P, S, {arith}>(R::Scalars, uint64_t, float, float, float, int64_t, int64_t,
+                                                        P::storage*,
                                                         const P::storage*, P::extra_storage*, S::storage*,
                                                         S::storage*);
 """

@@ -4,7 +4,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
+#include <vector>
 
 #include "chunk.h"
 
@@ -13,6 +15,42 @@ namespace fusedwarm {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
+
+// The update-size control's coefficients of each row (update.cuh, row_coefficients), with the
+// sums in the order fixed there: chunk sums in parallel, then each row adds its chunks in order.
+template <class Rule, class P, class S, class M>
+std::vector<fw::RowCoef> row_coefficients(const typename Rule::Scalars& sc, const fw::Control& control, float lr,
+                                          float grad_scale, int64_t n, int64_t row_size,
+                                          const typename P::storage* w, const typename P::storage* g,
+                                          const typename P::extra_storage* ext, const typename S::storage* s0,
+                                          const typename S::storage* s1) {
+  const int64_t rows = n / row_size;
+  const int64_t per_row = (row_size + fw::kNormChunk - 1) / fw::kNormChunk;
+  std::vector<fw::NormSums> partial(static_cast<size_t>(rows * per_row));
+  at::parallel_for(0, rows * per_row, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t row = c / per_row;
+      const int64_t first = row * row_size + (c % per_row) * fw::kNormChunk;
+      const int64_t last = std::min(first + fw::kNormChunk, (row + 1) * row_size);
+      fw::NormSums sums{0.0f, 0.0f, 0.0f};
+      for (int64_t k = first; k < last; ++k) {
+        float p0, u;
+        fw::element_delta<Rule, P, S, M>(sc, w[k], P::K > 0 ? static_cast<int32_t>(ext[k]) : 0, g[k], grad_scale,
+                                         Rule::kStates > 0 ? s0[k] : typename S::storage{},
+                                         Rule::kStates > 1 ? s1[k] : typename S::storage{}, p0, u);
+        fw::norm_accumulate(sums, p0, u);
+      }
+      partial[c] = sums;
+    }
+  });
+  std::vector<fw::RowCoef> coefs(static_cast<size_t>(rows));
+  for (int64_t row = 0; row < rows; ++row) {
+    fw::NormSums sums{0.0f, 0.0f, 0.0f};
+    for (int64_t j = 0; j < per_row; ++j) fw::norm_accumulate_chunk(sums, partial[row * per_row + j]);
+    coefs[row] = fw::row_coefficients(control, lr, sums);
+  }
+  return coefs;
+}
 
 template <class Rule, class P, class S, class M>
 void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
@@ -33,9 +71,23 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     SS* s0 = kS > 0 ? static_cast<SS*>(L.states[0][i].data_ptr()) : nullptr;
     SS* s1 = kS > 1 ? static_cast<SS*>(L.states[1][i].data_ptr()) : nullptr;
     const float grad_scale = L.grad_scales ? L.grad_scales->data_ptr<float>()[i] : 1.0f;
+    const bool control = L.control.mode != fw::kControlNone;
+    const int64_t row_size = control ? n / L.update_rows[i] : n;
+    const std::vector<fw::RowCoef> coefs =
+        control ? row_coefficients<Rule, P, S, M>(sc, L.control, fw::effective_lr(h.schedule, lr, step), grad_scale,
+                                                  n, row_size, w, g, ext, s0, s1)
+                : std::vector<fw::RowCoef>{fw::RowCoef{1.0f, 1.0f}};
     std::atomic<int64_t> skipped{0};
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      const int64_t k = run_chunk<Rule, P, S, M>(sc, stream, grad_scale, begin, end, w, g, ext, s0, s1);
+      int64_t k = 0;
+      // Each piece lies in one row and takes that row's coefficients.
+      for (int64_t b = begin; b < end;) {
+        const int64_t row = b / row_size;
+        const int64_t e = std::min(end, (row + 1) * row_size);
+        k += run_chunk<Rule, P, S, M>(sc, stream, grad_scale, coefs[row].alpha, coefs[row].beta, b, e, w, g, ext, s0,
+                                      s1);
+        b = e;
+      }
       if (k != 0) skipped.fetch_add(k, std::memory_order_relaxed);
     });
     if (L.nonfinite) L.nonfinite->data_ptr<int64_t>()[i] += skipped.load();

@@ -37,8 +37,9 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   const int64_t bytes = num_slots * static_cast<int64_t>(sizeof(gpu::TensorSlot));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* slots = static_cast<gpu::TensorSlot*>(host.data_ptr());
-  int64_t num_tiles = 0;
+  int64_t num_tiles = 0, num_chunks = 0, num_rows = 0;
   int64_t s = 0;
+  const bool control = L.control.mode != fw::kControlNone;
   for (size_t i = 0; i < L.params.size(); ++i) {
     const int64_t numel = L.params[i].numel();
     if (numel == 0) continue;
@@ -56,8 +57,26 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     bool aligned = vector_aligned(t.param) && vector_aligned(t.grad) && vector_aligned(t.extra);
     for (int j = 0; j < Rule::kStates; ++j) aligned = aligned && vector_aligned(t.state[j]);
     t.vectorized = aligned ? 1u : 0u;
+    if (control) {
+      t.row_size = numel / L.update_rows[i];
+      t.chunks_per_row = (t.row_size + fw::kNormChunk - 1) / fw::kNormChunk;
+      t.first_chunk = num_chunks;
+      t.first_row = num_rows;
+      num_chunks += L.update_rows[i] * t.chunks_per_row;
+      num_rows += L.update_rows[i];
+    }
     num_tiles += gpu::tiles_of(numel);
     slots[s++] = t;
+  }
+  // Update-size control's device scratch: the chunk sums, then the rows' coefficients (float32
+  // words). It is freed to the caching allocator on this stream, after the kernels that use it.
+  static_assert(sizeof(fw::NormSums) == 3 * sizeof(float) && sizeof(fw::RowCoef) == 2 * sizeof(float),
+                "scratch layout");
+  at::Tensor scratch;
+  if (control) {
+    scratch = at::empty({3 * num_chunks + 2 * num_rows}, at::TensorOptions().dtype(at::kFloat).device(device));
+    auto* coefs = reinterpret_cast<fw::RowCoef*>(scratch.data_ptr<float>() + 3 * num_chunks);
+    for (int64_t j = 0; j < num_slots; ++j) slots[j].row_coef = coefs + slots[j].first_row;
   }
   at::Tensor dev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   dev.copy_(host, /*non_blocking=*/true);
@@ -69,6 +88,10 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   args.lr = L.lr_tensor ? L.lr_tensor->const_data_ptr<float>() : nullptr;
   args.lr_value = static_cast<float>(L.lr);
   args.seed = static_cast<uint64_t>(L.seed);
+  args.num_rows = num_rows;
+  args.num_chunks = num_chunks;
+  args.partials = control ? reinterpret_cast<fw::NormSums*>(scratch.data_ptr<float>()) : nullptr;
+  args.control = L.control;
   const cudaError_t err = gpu::launch_step<Rule, P, S, M>(args, h, stream.stream());
   TORCH_CHECK(err == cudaSuccess, "fusedwarm: launching the CUDA step kernel on ", device, " failed: ",
               cudaGetErrorString(err));

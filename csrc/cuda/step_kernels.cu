@@ -56,6 +56,8 @@ struct SlotUpdate {
   int64_t numel;
   uint64_t stream;
   float grad_scale;
+  const fw::RowCoef* row_coef;
+  int64_t row_size;
   typename Rule::Scalars scalars;
 
   // Exactly the CPU backend's per-tensor values: scalars from the signed step, the random stream
@@ -67,10 +69,17 @@ struct SlotUpdate {
         state0(static_cast<St*>(t.state[0])),
         state1(static_cast<St*>(t.state[1])),
         numel(t.numel),
-        grad_scale(t.grad_scale != nullptr ? *t.grad_scale : 1.0f) {
+        grad_scale(t.grad_scale != nullptr ? *t.grad_scale : 1.0f),
+        row_coef(t.row_coef),
+        row_size(t.row_size) {
     const int64_t step = *t.step;
     stream = fw::stream_key(seed, t.tensor_id, static_cast<uint64_t>(step));
     scalars = Rule::template scalars<fw::Ieee>(hyper, lr, step);
+  }
+
+  // Element k's update-size coefficients (1, 1 without control).
+  __device__ __forceinline__ fw::RowCoef coef(int64_t k) const {
+    return row_coef != nullptr ? row_coef[k / row_size] : fw::RowCoef{1.0f, 1.0f};
   }
 
   // Each of these returns the number of elements it skipped for a non-finite gradient.
@@ -80,8 +89,9 @@ struct SlotUpdate {
     St s0{}, s1{};
     if constexpr (kStates > 0) s0 = state0[k];
     if constexpr (kStates > 1) s1 = state1[k];
+    const fw::RowCoef c = coef(k);
     const bool ok = fw::update_element<Rule, P, S, M>(scalars, stream, static_cast<uint64_t>(k), param[k], e, grad[k],
-                                                   grad_scale, s0, s1);
+                                                   grad_scale, s0, s1, c.alpha, c.beta);
     if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
     if constexpr (kStates > 0) state0[k] = s0;
     if constexpr (kStates > 1) state1[k] = s1;
@@ -104,8 +114,9 @@ struct SlotUpdate {
     for (int i = 0; i < kPack; ++i) {
       int32_t e = 0;
       if constexpr (kExtra) e = x.v[i];
+      const fw::RowCoef c = coef(k0 + i);
       const bool ok = fw::update_element<Rule, P, S, M>(scalars, stream, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i],
-                                                     grad_scale, s0.v[i], s1.v[i]);
+                                                     grad_scale, s0.v[i], s1.v[i], c.alpha, c.beta);
       if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
       skipped += ok ? 0 : 1;
     }
@@ -138,13 +149,14 @@ struct SlotUpdate {
   }
 };
 
-// The slot that holds global tile `tile`: the last one whose first_tile is <= tile (slot 0
-// starts at tile 0 and no slot is empty).
-__device__ __forceinline__ int64_t find_slot(const TensorSlot* slots, int64_t count, int64_t tile) {
+// The slot that holds global tile (or chunk, or row) `index`: the last one whose First field is
+// <= index (slot 0 starts at 0 and no slot is empty).
+template <int64_t TensorSlot::*First = &TensorSlot::first_tile>
+__device__ __forceinline__ int64_t find_slot(const TensorSlot* slots, int64_t count, int64_t index) {
   int64_t lo = 0, hi = count - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (slots[mid].first_tile <= tile) {
+    if (slots[mid].*First <= index) {
       lo = mid;
     } else {
       hi = mid - 1;
@@ -179,11 +191,65 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, cons
   }
 }
 
+// Update-size control, first pass: thread g sums global chunk g in index order
+// (fw::norm_accumulate) into partials[g]. Nothing is written to the tensors.
+template <class Rule, class P, class S, class M>
+__global__ void __launch_bounds__(kThreads) norm_chunks_kernel(const LaunchArgs a, const typename Rule::Hyper hyper) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (g >= a.num_chunks) return;
+  const TensorSlot t = a.slots[find_slot<&TensorSlot::first_chunk>(a.slots, a.num_slots, g)];
+  const int64_t c = g - t.first_chunk;
+  const int64_t row = c / t.chunks_per_row;
+  const int64_t first = row * t.row_size + (c % t.chunks_per_row) * fw::kNormChunk;
+  const int64_t row_end = (row + 1) * t.row_size;
+  const int64_t last = first + fw::kNormChunk < row_end ? first + fw::kNormChunk : row_end;
+  const float lr = a.lr != nullptr ? *a.lr : a.lr_value;
+  const SlotUpdate<Rule, P, S, M> u(t, hyper, lr, a.seed);
+  using St = typename S::storage;
+  fw::NormSums sums{0.0f, 0.0f, 0.0f};
+  for (int64_t k = first; k < last; ++k) {
+    float p0, d;
+    fw::element_delta<Rule, P, S, M>(u.scalars, u.param[k], P::K > 0 ? static_cast<int32_t>(u.extra[k]) : 0,
+                                     u.grad[k], u.grad_scale, Rule::kStates > 0 ? u.state0[k] : St{},
+                                     Rule::kStates > 1 ? u.state1[k] : St{}, p0, d);
+    fw::norm_accumulate(sums, p0, d);
+  }
+  a.partials[g] = sums;
+}
+
+// Update-size control, second pass: thread r adds global row r's chunk sums in chunk order
+// (fw::norm_accumulate_chunk) and writes the row's coefficients (fw::row_coefficients).
+template <class Rule>
+__global__ void __launch_bounds__(kThreads) row_coefficients_kernel(const LaunchArgs a,
+                                                                    const typename Rule::Hyper hyper) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (r >= a.num_rows) return;
+  const TensorSlot t = a.slots[find_slot<&TensorSlot::first_row>(a.slots, a.num_slots, r)];
+  const int64_t row = r - t.first_row;
+  const fw::NormSums* p = a.partials + t.first_chunk + row * t.chunks_per_row;
+  fw::NormSums sums{0.0f, 0.0f, 0.0f};
+  for (int64_t j = 0; j < t.chunks_per_row; ++j) fw::norm_accumulate_chunk(sums, p[j]);
+  const float lr = a.lr != nullptr ? *a.lr : a.lr_value;
+  t.row_coef[row] = fw::row_coefficients(a.control, fw::effective_lr(hyper.schedule, lr, *t.step), sums);
+}
+
+int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
+
 }  // namespace
 
 template <class Rule, class P, class S, class M>
 cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hyper, cudaStream_t stream) {
   if (args.num_tiles == 0) return cudaSuccess;
+  if (args.num_rows > 0) {
+    norm_chunks_kernel<Rule, P, S, M>
+        <<<static_cast<unsigned int>(blocks_for(args.num_chunks)), kThreads, 0, stream>>>(args, hyper);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    row_coefficients_kernel<Rule>
+        <<<static_cast<unsigned int>(blocks_for(args.num_rows)), kThreads, 0, stream>>>(args, hyper);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   const auto kernel = step_kernel<Rule, P, S, M>;
   // As many blocks as can be resident at once: each then walks its range of tiles in a single
   // wave, and the grid stays far below gridDim.x's limit whatever the number of elements.

@@ -35,8 +35,15 @@ struct TensorSlot {
   int64_t first_tile;    // number of tiles in all earlier slots of the launch
   uint32_t tensor_id;
   uint32_t vectorized;   // 1 when every pointer above is kVectorAlign-aligned
+  // Update-size control (update.cuh), used when LaunchArgs::num_rows > 0: the tensor is cut into
+  // numel / row_size rows of row_size elements, each of chunks_per_row kNormChunk-element chunks.
+  fw::RowCoef* row_coef;  // the rows' coefficients (written by the launch before the step)
+  int64_t row_size;
+  int64_t chunks_per_row;
+  int64_t first_chunk;   // number of chunks in all earlier slots
+  int64_t first_row;     // number of rows in all earlier slots
 };
-static_assert(sizeof(TensorSlot) == 88 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by g++ and nvcc");
+static_assert(sizeof(TensorSlot) == 128 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by g++ and nvcc");
 
 FW_HD int64_t tiles_of(int64_t numel) { return (numel + kTile - 1) / kTile; }
 
@@ -47,10 +54,18 @@ struct LaunchArgs {
   const float* lr;          // device pointer to the learning rate, or nullptr to use lr_value
   float lr_value;
   uint64_t seed;
+  // Update-size control: off when num_rows == 0. Otherwise partials holds num_chunks entries of
+  // scratch (each chunk's sums) and every slot's row_coef points into device memory.
+  int64_t num_rows;
+  int64_t num_chunks;
+  fw::NormSums* partials;
+  fw::Control control;
 };
 
 // Enqueues one step of Rule on `stream` for every slot and returns the launch status. Nothing
-// is synchronized: lr and the steps are read on the device when the kernel runs. Instantiated
+// is synchronized: lr and the steps are read on the device when the kernel runs. With update-size
+// control, two kernels first compute every row's coefficients in update.cuh's summation order (one
+// thread per chunk, then one thread per row), so they equal the CPU backend's bit for bit. Instantiated
 // for every Rule, every ParamF32 / ParamHalf<BF16Format|F16Format, 0|8|16>, and StateF32 /
 // StateBF16, and both arithmetic policies M (fw::Ieee, fw::Pam).
 template <class Rule, class P, class S, class M>

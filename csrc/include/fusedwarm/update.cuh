@@ -247,17 +247,23 @@ struct Lion {
 // the element's random words round the master (if lossy) and then the states, in that order.
 // Everything is computed unconditionally and selected at the end (no early return, no arrays),
 // so that the CPU loop vectorizes.
+//
+// `alpha`, `beta` are the update-size control's coefficients of the element's row (RowCoef
+// below): the new master is alpha p0 + beta (p1 - p0) for the rule's p0 -> p1, and exactly p1
+// when both are 1 (no control).
 template <class Rule, class P, class S, class M = Ieee>
 FW_HD bool update_element(const typename Rule::Scalars& sc, uint64_t stream, uint64_t index, typename P::storage& w,
                           int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
-                          typename S::storage& s1) {
+                          typename S::storage& s1, float alpha = 1.0f, float beta = 1.0f) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
   const float gf = M::mul(P::template grad<M>(g), grad_scale);
   const bool ok = is_finite(gf);
-  float p = P::template load<M>(w, e);
+  const float p0 = P::template load<M>(w, e);
+  float p = p0;
   float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
   float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
   Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
+  p = alpha == 1.0f && beta == 1.0f ? p : M::add(M::mul(alpha, p0), M::mul(beta, M::sub(p, p0)));
   // Random words: one per stochastically rounded value, the weight's first.
   constexpr int kWeightWords = P::kLossy ? 1 : 0;
   constexpr int kWords = kWeightWords + (S::kLossy ? Rule::kStates : 0);
@@ -272,6 +278,98 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint64_t stream, uin
   if (Rule::kStates > 0) s0 = ok ? S::store(f0, rs[kWeightWords]) : s0;
   if (Rule::kStates > 1) s1 = ok ? S::store(f1, rs[kWeightWords + 1]) : s1;
   return ok;
+}
+
+// ---- update-size control ---------------------------------------------------------------------
+
+// Update-size control after Kosson et al. 2024 ("Analyzing & Reducing the Need for Learning Rate
+// Warmup in GPT Training"; "Rotational Equilibrium: How Weight Decay Balances Learning Across
+// Neural Networks", ICML 2024). Each row (a whole tensor, or one output row of a weight) gets
+// coefficients alpha, beta from three float32 sums over the row, uu = u.u, ww = w.w, uw = u.w of
+// the rule's update u = p1 - p0 and the weight w = p0, and its elements become alpha p0 + beta u:
+// - kControlBound: ||u|| <= update_norm ||w||, by alpha = 1, beta = min(1, update_norm ||w|| / ||u||)
+//   (beta = 1 where ||w|| = 0: a zero row has no scale to be relative to).
+// - kControlRotational: the rule runs without weight decay; the radial part of u is projected out,
+//   u_perp = u - (uw / ww) w, u_perp is scaled to eta ||w|| with the rule's equilibrium angular
+//   update eta (Rule::equilibrium_coef: eta^2 = lr eq_coef, lr including warmup and schedule), and
+//   the result is divided by sqrt(1 + eta^2), the norm ||w + u_perp|| / ||w|| of the orthogonal
+//   step, so that ||w|| stays as it was (up to rounding). Weight decay acts only through eta.
+//   A row with ||w|| = 0 or u_perp = 0 is left as it is.
+// The states move as without control; only the weight's step changes.
+//
+// The sums are float32 and follow one fixed order on every backend, so that the coefficients,
+// and with them every bit of the step, are the same on CPU and CUDA: a row is cut into
+// kNormChunk-element chunks from its start; each chunk sums its elements in index order
+// (norm_accumulate), then the chunk sums are added in chunk order (norm_accumulate_chunk).
+constexpr int64_t kNormChunk = 1024;
+constexpr int32_t kControlNone = 0;
+constexpr int32_t kControlBound = 1;
+constexpr int32_t kControlRotational = 2;
+
+struct Control {
+  int32_t mode;       // kControl*
+  float update_norm;  // kControlBound: the largest ||u|| / ||w||
+  float eq_coef;      // kControlRotational: eta^2 / lr
+};
+
+struct NormSums {
+  float uu, ww, uw;
+};
+
+struct RowCoef {
+  float alpha, beta;
+};
+
+// The weight p0 and update u of one element as update_element would compute them, writing
+// nothing. An element skipped for a non-finite gradient has u = 0.
+template <class Rule, class P, class S, class M = Ieee>
+FW_HD void element_delta(const typename Rule::Scalars& sc, typename P::storage w, int32_t e, typename P::storage g,
+                         float grad_scale, typename S::storage s0, typename S::storage s1, float& p0, float& u) {
+  const float gf = M::mul(P::template grad<M>(g), grad_scale);
+  const bool ok = is_finite(gf);
+  p0 = P::template load<M>(w, e);
+  float p = p0;
+  float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
+  float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
+  Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
+  u = ok ? Ieee::sub(p, p0) : 0.0f;
+}
+
+// Adds one element to a chunk's sums (IEEE, never contracted).
+FW_HD void norm_accumulate(NormSums& s, float p0, float u) {
+  s.uu = Ieee::add(s.uu, Ieee::mul(u, u));
+  s.ww = Ieee::add(s.ww, Ieee::mul(p0, p0));
+  s.uw = Ieee::add(s.uw, Ieee::mul(u, p0));
+}
+
+// Adds one chunk's sums to its row's.
+FW_HD void norm_accumulate_chunk(NormSums& s, const NormSums& chunk) {
+  s.uu = Ieee::add(s.uu, chunk.uu);
+  s.ww = Ieee::add(s.ww, chunk.ww);
+  s.uw = Ieee::add(s.uw, chunk.uw);
+}
+
+// The group's lr times the schedule's factor at `step`, as every Rule::scalars computes it.
+FW_HD float effective_lr(const Schedule& schedule, float lr, int64_t step) {
+  return Ieee::mul(lr, factors(schedule, step).lr);
+}
+
+// A row's coefficients from its sums; `lr` is the effective lr (effective_lr).
+FW_HD RowCoef row_coefficients(const Control& c, float lr, const NormSums& s) {
+  using I = Ieee;
+  if (c.mode == kControlBound) {
+    const float limit = I::mul(I::mul(c.update_norm, c.update_norm), s.ww);
+    if (!(s.ww > 0.0f) || !(s.uu > limit)) return RowCoef{1.0f, 1.0f};
+    return RowCoef{1.0f, I::div(I::mul(c.update_norm, I::sqrt(s.ww)), I::sqrt(s.uu))};
+  }
+  if (!(s.ww > 0.0f)) return RowCoef{1.0f, 1.0f};
+  const float radial = I::div(s.uw, s.ww);
+  const float perp = I::sub(s.uu, I::mul(radial, s.uw));
+  if (!(perp > 0.0f)) return RowCoef{1.0f, 0.0f};
+  const float eta2 = I::mul(lr, c.eq_coef);
+  const float k = I::div(I::sqrt(I::mul(eta2, s.ww)), I::sqrt(perp));
+  const float r = I::div(1.0f, I::sqrt(I::add(1.0f, eta2)));
+  return RowCoef{I::mul(I::sub(1.0f, I::mul(k, radial)), r), I::mul(k, r)};
 }
 
 }  // namespace fw
