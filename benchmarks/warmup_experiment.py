@@ -78,9 +78,13 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "untuned-exp": ("untuned exponential", {"warmup": "untuned-exp"}),
     "radam": ("RAdam rectification", {"warmup": "radam"}),
     "v-init-grad": ("v_init='grad' (GI-Adam), no warmup", {"warmup": "none", "v_init": "grad"}),
-    "update-norm-tensor": ("per-tensor update_norm, no warmup", {"warmup": "none", "update_norm": "tensor"}),
-    "update-norm-row": ("per-row update_norm, no warmup", {"warmup": "none", "update_norm": "row"}),
-    "rotational": ("rotational, no warmup", {"warmup": "none", "rotational": True}),
+    # update_norm 0.02: about the equilibrium angular update sqrt(2 lr wd (1-b1)/(1+b1)) = 0.018 of the
+    # default lr, weight decay and beta1, i.e. the relative update size AdamW settles at anyway.
+    "update-norm-tensor": ("per-tensor update_norm, no warmup",
+                           {"warmup": "none", "update_control": "tensor", "update_norm": 0.02}),
+    "update-norm-row": ("per-row update_norm, no warmup",
+                        {"warmup": "none", "update_control": "row", "update_norm": 0.02}),
+    "rotational": ("rotational, no warmup", {"warmup": "none", "update_control": "rotational"}),
 }
 
 
