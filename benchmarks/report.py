@@ -1,7 +1,7 @@
 """Renders the committed benchmark results as markdown and, with ``--update-readme``, writes them
 into README.md between markers: the step benchmark between ``<!-- step-results:begin -->`` /
-``end``, the training-loop benchmark's table (``train_loop_cpu.md``, written by
-``benchmarks/train_loop.py``) between ``<!-- train-loop-results:begin -->`` / ``end``; so the
+``end``, and the markdown tables that the other scripts write (``MARKDOWN_BLOCKS``: training
+loop, warmup experiment, PAM experiment) between ``<!-- NAME:begin -->`` / ``end``; so the
 README's numbers always come from a result file."""
 
 from __future__ import annotations
@@ -12,6 +12,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+# README block name -> the result file (written by its benchmark script) copied into it.
+MARKDOWN_BLOCKS = {
+    "train-loop-results": RESULTS / "train_loop_cpu.md",
+    "warmup-experiment-results": RESULTS / "warmup_experiment.md",
+    "pam-experiment-results": RESULTS / "pam_experiment.md",
+}
 
 
 def render(path: Path) -> str:
@@ -52,17 +58,18 @@ def replace_block(content: str, name: str, text: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, default=RESULTS / "step_cpu.json")
-    parser.add_argument("--train-loop", type=Path, default=RESULTS / "train_loop_cpu.md")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     text = render(args.results.resolve())
-    train_loop = args.train_loop.read_text().strip()
+    blocks = {name: path.read_text().strip() for name, path in MARKDOWN_BLOCKS.items()}
     if not args.update_readme:
-        print(text, train_loop, sep="\n\n")
+        print(text, *blocks.values(), sep="\n\n")
         return
     readme = ROOT / "README.md"
     content = replace_block(readme.read_text(), "step-results", text)
-    readme.write_text(replace_block(content, "train-loop-results", train_loop))
+    for name, block in blocks.items():
+        content = replace_block(content, name, block)
+    readme.write_text(content)
 
 
 if __name__ == "__main__":
