@@ -28,7 +28,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,8 @@ from torch import nn
 import fusedwarm
 from fusedwarm import pam
 from fusedwarm.demo import TEXT_MODULES, batches, load_text
+from step import git
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_REL = 0.02  # run 2's final eval loss within 2% of run 1's
 
@@ -116,14 +115,6 @@ def run(label: str, model: nn.Module, opt: torch.optim.Optimizer, train: list[to
             "seconds": time.perf_counter() - start}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _plot(results: dict, path: Path, smooth: int) -> bool:
     try:
         import matplotlib
@@ -191,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "experiment": "pam_experiment",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git("rev-parse", "HEAD") or "unknown",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),

@@ -20,7 +20,6 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,8 @@ import torch
 
 import fusedwarm
 from fusedwarm import pam
+from step import git
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 # (M, K, N): squares, then the linear layers of a width-64 transformer on 1024 tokens.
 SHAPES = [(128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 64, 192), (1024, 256, 64), (1024, 64, 256)]
@@ -48,14 +47,6 @@ def _time(fn, device: str, repeats: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "benchmark": "pam_matmul",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git("rev-parse", "HEAD") or "unknown",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(),

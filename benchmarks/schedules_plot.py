@@ -18,13 +18,13 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
 
 import fusedwarm
 from fusedwarm import _ops, reference, schedules
+from step import git
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,14 +46,6 @@ SCHEDULES = {
     "WSD(10000, 0.2, 1-sqrt)": schedules.WSD(TOTAL, 0.2, "1-sqrt"),
     "WSD(10000, 0.2, cosine, final 0.1)": schedules.WSD(TOTAL, 0.2, "cosine", 0.1),
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -90,7 +82,7 @@ def main() -> None:
     fig.savefig(RESULTS / "schedules.png", dpi=110)
     meta = {
         "environment": {"torch": torch.__version__, "fusedwarm": fusedwarm.__version__, "python": platform.python_version(),
-                        "matplotlib": matplotlib.__version__, "git_commit": _commit(),
+                        "matplotlib": matplotlib.__version__, "git_commit": git("rev-parse", "HEAD") or "unknown",
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "beta2": BETA2,
         "max_abs_diff_fused_vs_reference": record,

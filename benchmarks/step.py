@@ -144,7 +144,8 @@ def modes() -> list[Mode]:
             out.append(Mode(f"torch {impl} {short}", "torch", dt,
                             lambda ps, impl=impl: torch.optim.AdamW(ps, **hyper, **{impl: True}), state_dtype=dt))
     out.append(Mode("fusedwarm fp32", "fusedwarm", torch.float32,
-                    lambda ps: fusedwarm.AdamW(ps, **hyper, seed=0, warmup="none"), extra_bits=0, state_dtype=torch.float32))
+                    lambda ps: fusedwarm.AdamW(ps, **hyper, seed=0, warmup="none"), extra_bits=0,
+                    state_dtype=torch.float32))
     for k in (16, 8, 0):
         for sdt, short in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             out.append(Mode(f"fusedwarm bf16 x{k} {short}", "fusedwarm", torch.bfloat16,

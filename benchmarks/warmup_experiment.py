@@ -55,7 +55,8 @@ from torch import nn
 
 import fusedwarm
 from fusedwarm.demo import TEXT_MODULES, batches, load_text
-from pam_experiment import ByteTransformer, _commit, loss_of
+from pam_experiment import ByteTransformer, loss_of
+from step import git
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "linear"
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "experiment": "warmup_experiment",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git("rev-parse", "HEAD") or "unknown",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
