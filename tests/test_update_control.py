@@ -56,12 +56,9 @@ def _grads(params, steps: int, inf_at: int | None = None):
     return out
 
 
-@pytest.mark.parametrize("control", CONTROLS)
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_matches_reference(name, control):
-    seed_all("update-control-ref", name, control)
-    init = [torch.randn(s) for s in SHAPES]
-    kw = {**HYPER[name], **NO_WARMUP, "update_control": control, "update_norm": BOUND[name]}
+def _masters_after_30_steps(name: str, init: list[torch.Tensor], kw: dict):
+    """Fused (bf16 + 16 extra bits, fp32 states) and reference masters after 30 steps of the same
+    gradients (an inf at step 4), pairwise per parameter."""
     fused_params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in init]
     ref_params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in init]
     fused = getattr(fusedwarm, name)(fused_params, state_dtype=torch.float32, seed=1, **kw)
@@ -71,8 +68,17 @@ def test_matches_reference(name, control):
             for p, g in zip(params, gs):
                 p.grad = g.to(p.dtype)
             opt.step()
-    for p, q in zip(fused_params, ref_params):
-        assert rel_err(fused.master_weight(p), ref.master_weight(q)) < MASTER_RTOL[(torch.bfloat16, 16, torch.float32)]
+    return [(fused.master_weight(p), ref.master_weight(q)) for p, q in zip(fused_params, ref_params)]
+
+
+@pytest.mark.parametrize("control", CONTROLS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_matches_reference(name, control):
+    seed_all("update-control-ref", name, control)
+    init = [torch.randn(s) for s in SHAPES]
+    kw = {**HYPER[name], **NO_WARMUP, "update_control": control, "update_norm": BOUND[name]}
+    for fused_master, ref_master in _masters_after_30_steps(name, init, kw):
+        assert rel_err(fused_master, ref_master) < MASTER_RTOL[(torch.bfloat16, 16, torch.float32)]
 
 
 @pytest.mark.parametrize("control", CONTROLS)
@@ -153,17 +159,8 @@ def test_rotational_matches_reference(name):
     seed_all("rotational-ref", name)
     init = [torch.randn(s) for s in SHAPES]
     kw = {**ROT_HYPER[name], "warmup": "linear", "warmup_steps": 10, "update_control": "rotational"}
-    fused_params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in init]
-    ref_params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in init]
-    fused = getattr(fusedwarm, name)(fused_params, state_dtype=torch.float32, seed=1, **kw)
-    ref = getattr(reference, name)(ref_params, **kw)
-    for gs in _grads(init, 30, inf_at=4):
-        for opt, params in ((fused, fused_params), (ref, ref_params)):
-            for p, g in zip(params, gs):
-                p.grad = g.to(p.dtype)
-            opt.step()
-    for p, q in zip(fused_params, ref_params):
-        assert rel_err(fused.master_weight(p), ref.master_weight(q)) < ROT_RTOL
+    for fused_master, ref_master in _masters_after_30_steps(name, init, kw):
+        assert rel_err(fused_master, ref_master) < ROT_RTOL
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
