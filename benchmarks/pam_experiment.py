@@ -139,6 +139,22 @@ def _plot(results: dict, path: Path, smooth: int) -> bool:
     return True
 
 
+def run_metadata(experiment: str, argv: list[str] | None, text: bytes) -> dict:
+    """The result file's header shared by the CPU experiments: what ran, where, and on which text."""
+    return {
+        "experiment": experiment,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "fusedwarm": fusedwarm.__version__},
+        "data": {"modules": list(TEXT_MODULES), "bytes": len(text), "train_fraction": 0.9},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
@@ -180,16 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     target_met = abs(results["pam-optimizer"]["rel_to_ieee"]) <= TARGET_REL
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
-        "experiment": "pam_experiment",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD") or "unknown",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "fusedwarm": fusedwarm.__version__},
-        "data": {"modules": list(TEXT_MODULES), "bytes": len(text), "train_fraction": 0.9},
+        **run_metadata("pam_experiment", argv, text),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "parameters": n_params,
         "target": f"run 2 final held-out loss within {TARGET_REL:.0%} of run 1",

@@ -41,12 +41,9 @@ Results go to ``benchmarks/results/warmup_experiment.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -54,9 +51,8 @@ import torch
 from torch import nn
 
 import fusedwarm
-from fusedwarm.demo import TEXT_MODULES, batches, load_text
-from pam_experiment import ByteTransformer, loss_of
-from step import git
+from fusedwarm.demo import batches, load_text
+from pam_experiment import ByteTransformer, loss_of, run_metadata
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "linear"
@@ -215,7 +211,7 @@ def _markdown(record: dict, tol: float) -> str:
     runs = record["runs"]
     base = runs[BASELINE]["held_out_loss"]
     lines = [
-        f"| config | AdamW options | held-out loss | vs linear warmup | final train loss (last 20) | verdict |",
+        "| config | AdamW options | held-out loss | vs linear warmup | final train loss (last 20) | verdict |",
         "|---|---|---:|---:|---:|---|",
     ]
     for key, r in runs.items():
@@ -357,16 +353,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
-        "experiment": "warmup_experiment",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD") or "unknown",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "fusedwarm": fusedwarm.__version__},
-        "data": {"modules": list(TEXT_MODULES), "bytes": len(text), "train_fraction": 0.9},
+        **run_metadata("warmup_experiment", argv, text),
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "weights": "float32", "state_dtype": "float32", "schedule": shared["schedule"].to_dict(),
                    "grad_clipping": None},
