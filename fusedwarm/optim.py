@@ -737,27 +737,32 @@ class FusedOptimizer(Optimizer):
 
                 self._hooks[id(p)] = (p, p.register_post_accumulate_grad_hook(hook))
 
+    def _check_ready(self, p: Tensor, g: Tensor) -> None:
+        """Checks a gradient that arrives during backward (hook or DDP bucket) before ``p`` is updated."""
+        if id(p) in self._updated:
+            raise RuntimeError(
+                f"{type(self).__name__}: {self._label(p)} received a second gradient in one iteration (backward "
+                f"ran twice, e.g. with retain_graph=True, without opt.step() in between). With backward_step=True, "
+                f"call opt.step() after each backward, or sum gradients over several backward passes inside "
+                f"opt.accumulate()"
+            )
+        gi, i = self._index[id(p)]
+        self._check_grad(self.param_groups[gi], gi, i, p, g)
+
     @torch.no_grad()
     def _grad_ready(self, p: Tensor) -> None:
         """Called by autograd once ``p.grad`` is complete for this backward: bucket ``p``, maybe flush."""
         entry = self._hooks.get(id(p))
         if entry is None or entry[0] is not p or self._accumulating:
             return
-        if id(p) in self._updated:
-            raise RuntimeError(
-                f"{type(self).__name__}: {self._label(p)} received a second gradient in one iteration (backward ran twice, e.g. with "
-                f"retain_graph=True, without opt.step() in between). With backward_step=True, call opt.step() "
-                f"after each backward, or sum gradients over several backward passes inside opt.accumulate()"
-            )
-        gi, i = self._index[id(p)]
-        self._check_grad(self.param_groups[gi], gi, i, p, p.grad)
+        self._check_ready(p, p.grad)
         self._begin_iteration()
         self._updated[id(p)] = p
         task = torch._C._current_graph_task_id()
         if task != self._queued_task:
             self._queued_task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._flush_all)
-        key = (gi, p.device, p.dtype)
+        key = (self._index[id(p)][0], p.device, p.dtype)
         self._pending.setdefault(key, []).append(p)
         self._pending_bytes[key] = self._pending_bytes.get(key, 0) + p.grad.numel() * p.grad.element_size()
         if self._pending_bytes[key] >= self._options["bucket_cap_mb"] * 2**20:
@@ -865,13 +870,8 @@ class FusedOptimizer(Optimizer):
             offset += p.numel()
             if id(p) not in self._index:
                 continue
-            if id(p) in self._updated:
-                raise RuntimeError(f"{type(self).__name__}: {self._label(p)} received a second gradient in one "
-                                   f"iteration; call opt.step() "
-                                   f"after each backward")
-            gi, i = self._index[id(p)]
-            self._check_grad(self.param_groups[gi], gi, i, p, g)
-            entry = by_group.setdefault((gi, p.dtype), ([], []))
+            self._check_ready(p, g)
+            entry = by_group.setdefault((self._index[id(p)][0], p.dtype), ([], []))
             entry[0].append(p)
             entry[1].append(g)
         self._begin_iteration()
