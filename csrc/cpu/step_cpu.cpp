@@ -64,7 +64,7 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     if (n == 0) continue;
     const int64_t step = L.steps[i].data_ptr<int64_t>()[0];
     const auto sc = Rule::template scalars<fw::Ieee>(h, lr, step);
-    const uint64_t stream = fw::stream_key(seed, static_cast<uint32_t>(L.tensor_ids[i]), static_cast<uint64_t>(step));
+    const uint32_t tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);
     PS* w = static_cast<PS*>(L.params[i].data_ptr());
     const PS* g = static_cast<const PS*>(L.grads[i].data_ptr());
     auto* ext = P::K > 0 ? static_cast<typename P::extra_storage*>(L.extras[i].data_ptr()) : nullptr;
@@ -80,12 +80,20 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     std::atomic<int64_t> skipped{0};
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       int64_t k = 0;
-      // Each piece lies in one row and takes that row's coefficients.
+      uint32_t block = fw::random_block(static_cast<uint64_t>(begin));
+      uint32_t key = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
+      // Each piece lies in one row, taking its coefficients, and in one block of the random stream.
       for (int64_t b = begin; b < end;) {
+        if (fw::random_block(static_cast<uint64_t>(b)) != block) {
+          block = fw::random_block(static_cast<uint64_t>(b));
+          key = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
+        }
         const int64_t row = b / row_size;
-        const int64_t e = std::min(end, (row + 1) * row_size);
-        k += run_chunk<Rule, P, S, M>(sc, stream, grad_scale, coefs[row].alpha, coefs[row].beta, b, e, w, g, ext, s0,
-                                      s1);
+        const int64_t e = std::min({end, (row + 1) * row_size, (int64_t{block} + 1) << fw::kRandomBlockBits});
+        const fw::RowCoef c = coefs[row];
+        k += c.unit() ? run_chunk<Rule, P, S, M>(sc, key, grad_scale, fw::Uncontrolled{}, b, e, w, g, ext, s0, s1)
+                      : run_chunk<Rule, P, S, M>(sc, key, grad_scale, fw::Blended{c.alpha, c.beta}, b, e, w, g, ext,
+                                                 s0, s1);
         b = e;
       }
       if (k != 0) skipped.fetch_add(k, std::memory_order_relaxed);

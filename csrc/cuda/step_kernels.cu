@@ -39,6 +39,8 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T>& r) {
   for (int i = 0; i < static_cast<int>(sizeof(r.w) / sizeof(r.w[0])); ++i) dst[i] = r.w[i];
 }
 
+static_assert((int64_t{1} << fw::kRandomBlockBits) % kTile == 0, "a tile must lie in one block of the random stream");
+
 // One tensor of the launch as seen by one thread: typed pointers plus the step's scalars.
 template <class Rule, class P, class S, class M>
 struct SlotUpdate {
@@ -54,26 +56,31 @@ struct SlotUpdate {
   St* state0;
   St* state1;
   int64_t numel;
-  uint64_t stream;
+  uint64_t seed;
+  uint32_t tensor_id;
+  int64_t step;
+  uint32_t key0;  // the random key of block 0, which holds every element of most tensors
   float grad_scale;
   const fw::RowCoef* row_coef;
   int64_t row_size;
   typename Rule::Scalars scalars;
 
-  // Exactly the CPU backend's per-tensor values: scalars from the signed step, the random stream
+  // Exactly the CPU backend's per-tensor values: scalars from the signed step, the random keys
   // from the step's bits.
-  __device__ SlotUpdate(const TensorSlot& t, const typename Rule::Hyper& hyper, float lr, uint64_t seed)
+  __device__ SlotUpdate(const TensorSlot& t, const typename Rule::Hyper& hyper, float lr, uint64_t seed_)
       : param(static_cast<W*>(t.param)),
         grad(static_cast<const W*>(t.grad)),
         extra(static_cast<Ext*>(t.extra)),
         state0(static_cast<St*>(t.state[0])),
         state1(static_cast<St*>(t.state[1])),
         numel(t.numel),
+        seed(seed_),
+        tensor_id(t.tensor_id),
+        step(*t.step),
         grad_scale(t.grad_scale != nullptr ? *t.grad_scale : 1.0f),
         row_coef(t.row_coef),
         row_size(t.row_size) {
-    const int64_t step = *t.step;
-    stream = fw::stream_key(seed, t.tensor_id, static_cast<uint64_t>(step));
+    key0 = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), 0u);
     scalars = Rule::template scalars<fw::Ieee>(hyper, lr, step);
   }
 
@@ -82,16 +89,24 @@ struct SlotUpdate {
     return row_coef != nullptr ? row_coef[k / row_size] : fw::RowCoef{1.0f, 1.0f};
   }
 
-  // Each of these returns the number of elements it skipped for a non-finite gradient.
-  __device__ __forceinline__ int one(int64_t k) const {
+  // The random key of the block that holds element k (a tile lies in one block: kTile divides
+  // its 2^30 elements).
+  __device__ __forceinline__ uint32_t key_of(int64_t k) const {
+    const uint32_t block = fw::random_block(static_cast<uint64_t>(k));
+    return block == 0u ? key0 : fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
+  }
+
+  // Each of these returns the number of elements it skipped for a non-finite gradient; `key` is
+  // key_of of the elements.
+  __device__ __forceinline__ int one(int64_t k, uint32_t key) const {
     int32_t e = 0;
     if constexpr (kExtra) e = extra[k];
     St s0{}, s1{};
     if constexpr (kStates > 0) s0 = state0[k];
     if constexpr (kStates > 1) s1 = state1[k];
     const fw::RowCoef c = coef(k);
-    const bool ok = fw::update_element<Rule, P, S, M>(scalars, stream, static_cast<uint64_t>(k), param[k], e, grad[k],
-                                                   grad_scale, s0, s1, c.alpha, c.beta);
+    const bool ok = fw::update_element<Rule, P, S, M>(scalars, key, static_cast<uint64_t>(k), param[k], e, grad[k],
+                                                   grad_scale, s0, s1, c);
     if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
     if constexpr (kStates > 0) state0[k] = s0;
     if constexpr (kStates > 1) state1[k] = s1;
@@ -100,7 +115,7 @@ struct SlotUpdate {
 
   // Elements k0 .. k0 + kPack - 1, all in range, every pointer 16-byte aligned. Elements whose
   // gradient is not finite are written back unchanged.
-  __device__ __forceinline__ int pack(int64_t k0) const {
+  __device__ __forceinline__ int pack(int64_t k0, uint32_t key) const {
     Pack<W> w, g;
     Pack<Ext> x;
     Pack<St> s0, s1;
@@ -115,8 +130,8 @@ struct SlotUpdate {
       int32_t e = 0;
       if constexpr (kExtra) e = x.v[i];
       const fw::RowCoef c = coef(k0 + i);
-      const bool ok = fw::update_element<Rule, P, S, M>(scalars, stream, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i],
-                                                     grad_scale, s0.v[i], s1.v[i], c.alpha, c.beta);
+      const bool ok = fw::update_element<Rule, P, S, M>(scalars, key, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i],
+                                                     grad_scale, s0.v[i], s1.v[i], c);
       if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
       skipped += ok ? 0 : 1;
     }
@@ -132,17 +147,18 @@ struct SlotUpdate {
   // takes base + t + kThreads j, so that the scalar accesses of a warp stay coalesced.
   __device__ __forceinline__ int tile(int64_t base, bool vectorized) const {
     int skipped = 0;
+    const uint32_t key = key_of(base);
     if (vectorized) {
       const int64_t k0 = base + static_cast<int64_t>(threadIdx.x) * kPack;
       if (k0 + kPack <= numel) {
-        skipped = pack(k0);
+        skipped = pack(k0, key);
       } else {
-        for (int64_t k = k0; k < numel; ++k) skipped += one(k);
+        for (int64_t k = k0; k < numel; ++k) skipped += one(k, key);
       }
     } else {
       for (int j = 0; j < kPack; ++j) {
         const int64_t k = base + static_cast<int64_t>(j) * kThreads + threadIdx.x;
-        if (k < numel) skipped += one(k);
+        if (k < numel) skipped += one(k, key);
       }
     }
     return skipped;

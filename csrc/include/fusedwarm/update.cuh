@@ -238,23 +238,62 @@ struct Lion {
 
 // ---- one element -----------------------------------------------------------------------------
 
+// The update-size control's coefficients (alpha, beta) of a row, applied to the rule's step
+// p0 -> p1 (see "update-size control" below): p1 when alpha = beta = 1, else
+// alpha p0 + beta (p1 - p0). Three kinds give these same values and differ only in what is known
+// at compile time, which the CPU vectorizer needs (a select on loop-invariant coefficients lets
+// GCC unswitch the element loop and leave the common alpha = beta = 1 copy scalar):
+// - Uncontrolled: known to be (1, 1);
+// - Blended: known not to be (1, 1);
+// - RowCoef: either, decided per element (the CUDA backend, where a uniform select is free).
+struct Uncontrolled {
+  template <class M>
+  FW_HD float blend(float, float p1) const {
+    return p1;
+  }
+};
+
+template <class M>
+FW_HD float blend_affine(float alpha, float beta, float p0, float p1) {
+  return M::add(M::mul(alpha, p0), M::mul(beta, M::sub(p1, p0)));
+}
+
+struct Blended {
+  float alpha, beta;
+  template <class M>
+  FW_HD float blend(float p0, float p1) const {
+    return blend_affine<M>(alpha, beta, p0, p1);
+  }
+};
+
+struct RowCoef {
+  float alpha, beta;
+  FW_HD bool unit() const { return alpha == 1.0f && beta == 1.0f; }
+  template <class M>
+  FW_HD float blend(float p0, float p1) const {
+    return unit() ? p1 : blend_affine<M>(alpha, beta, p0, p1);
+  }
+};
+
+
 // Updates one element in place. `e` is the extra-bits value (ignored for ParamF32 and K = 0),
 // `s0`, `s1` the rule's raw states (those past Rule::kStates are ignored; at most 2). The
 // gradient is multiplied by `grad_scale` first (1 when the caller scales nothing; a loss scale's
 // inverse, a clipping coefficient). An element whose scaled gradient is not finite is left
 // untouched (weight, extra bits and states), so a single overflow never corrupts a weight; the
-// return value is true when the element was updated, for the backends to count skips. `stream` is stream_key(seed, tensor, step) (philox.cuh);
-// the element's random words round the master (if lossy) and then the states, in that order.
+// return value is true when the element was updated, for the backends to count skips. `key` is
+// stream_key(seed, tensor, step, random_block(index)) (philox.cuh); the element's random words
+// round the master (if lossy) and then the states, in that order.
 // Everything is computed unconditionally and selected at the end (no early return, no arrays),
 // so that the CPU loop vectorizes.
 //
-// `alpha`, `beta` are the update-size control's coefficients of the element's row (RowCoef
+// `coef` carries the update-size control's coefficients of the element's row (see RowCoef
 // below): the new master is alpha p0 + beta (p1 - p0) for the rule's p0 -> p1, and exactly p1
 // when both are 1 (no control).
-template <class Rule, class P, class S, class M = Ieee>
-FW_HD bool update_element(const typename Rule::Scalars& sc, uint64_t stream, uint64_t index, typename P::storage& w,
+template <class Rule, class P, class S, class M = Ieee, class C = Uncontrolled>
+FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t key, uint64_t index, typename P::storage& w,
                           int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
-                          typename S::storage& s1, float alpha = 1.0f, float beta = 1.0f) {
+                          typename S::storage& s1, const C& coef = C{}) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
   const float gf = M::mul(P::template grad<M>(g), grad_scale);
   const bool ok = is_finite(gf);
@@ -263,12 +302,12 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint64_t stream, uin
   float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
   float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
   Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
-  p = alpha == 1.0f && beta == 1.0f ? p : M::add(M::mul(alpha, p0), M::mul(beta, M::sub(p, p0)));
+  p = coef.template blend<M>(p0, p);
   // Random words: one per stochastically rounded value, the weight's first.
   constexpr int kWeightWords = P::kLossy ? 1 : 0;
   constexpr int kWords = kWeightWords + (S::kLossy ? Rule::kStates : 0);
   U32x4 r{0u, 0u, 0u, 0u};
-  if (kWords > 0) r = element_random<kWords>(stream, index);
+  if (kWords > 0) r = element_random<kWords>(key, index);
   const uint32_t rs[4] = {r.x, r.y, r.z, r.w};
   typename P::storage w_new;
   int32_t e_new;
@@ -314,10 +353,6 @@ struct Control {
 
 struct NormSums {
   float uu, ww, uw;
-};
-
-struct RowCoef {
-  float alpha, beta;
 };
 
 // The weight p0 and update u of one element as update_element would compute them, writing
