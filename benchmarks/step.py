@@ -1,38 +1,49 @@
-"""Time per optimizer step and effective memory bandwidth: fusedwarm AdamW vs torch.optim.AdamW.
+"""Time per optimizer step and effective memory bandwidth: fusedwarm AdamW against torch.optim.AdamW
+and, when importable, the low-precision AdamW variants of optimi, torchao and bitsandbytes.
 
 The parameters are a GPT-style list of tensors (token embedding; per layer the qkv, attention
 projection and MLP weights and biases and two layernorms; a final layernorm) totalling about
-``--params`` elements. Every optimizer gets fresh random non-zero gradients, created once and
-reused, a few warm-up steps, then the median over ``--steps`` timed steps.
+each of ``--sizes`` elements. Every optimizer gets fresh random non-zero gradients, created once
+and reused, a few warm-up steps, then the median over ``--steps`` timed steps (fewer for an
+optimizer so slow that they would take more than ``--max-seconds``; CUDA steps are timed with
+events).
 
-Bytes moved per step follow a simple model: every per-parameter tensor is read once, and written
-once if the optimizer updates it (weight, extra bits, states; the gradient is only read). The
-sizes come from the dtypes of the tensors the optimizer actually holds after its first step, so,
-e.g., torch fused AdamW on float32 weights moves 4+4 (weight) + 4 (grad) + 8 (m) + 8 (v) = 28
-bytes per parameter, and fusedwarm on bfloat16 weights with 16 extra bits and bfloat16 states
-2+2 + 2+2 + 2 + 4 + 4 = 18. Effective bandwidth = modelled bytes / median step time, shown next
-to the machine's copy bandwidth (a large tensor copy, read + write bytes, same threads, best of
-20). An optimizer can exceed 100% of it: a copy's destination is written without being read,
-which write-allocate caches pay for with a hidden read; the in-place add ``a += b`` printed
-alongside has no such hidden traffic.
+Bytes moved per step follow a simple model: every tensor the optimizer keeps per parameter
+(weight, extra bits, states, quantization scales) is read once and written once, the gradient is
+only read. The sizes come from the tensors the optimizer actually holds after its first step (the
+inner tensors of quantized states included), so, e.g., torch fused AdamW on float32 weights moves
+4+4 (weight) + 4 (grad) + 8 (m) + 8 (v) = 28 bytes per parameter, and fusedwarm on bfloat16
+weights with 16 extra bits and bfloat16 states 2+2 + 2+2 + 2 + 4 + 4 = 18. Effective bandwidth =
+modelled bytes / median step time, shown as a fraction of the machine's copy bandwidth (a large
+tensor copy, read + write bytes, best of 20). An optimizer can exceed 100% of it: a copy's
+destination is written without being read, which write-allocate caches pay for with a hidden
+read; the in-place add ``a += b`` printed alongside has no such hidden traffic.
 
-Last, the project's CPU target is checked: fusedwarm AdamW (bf16 weights, 16 extra bits, bf16
-states) against torch.optim.AdamW(fused=True) on float32 weights, timed interleaved (one step of
-each in turn, so both see the same machine load), torch's default thread count for both.
+The project's targets are checked and reported with their verdicts: on CPU, fusedwarm AdamW
+(bf16 weights, 16 extra bits, bf16 states) at least 1.3x faster than
+torch.optim.AdamW(fused=True) on float32 weights from 16M parameters, timed interleaved (one step
+of each in turn, so both see the same machine load); and that fusedwarm mode at >= 80% (CPU) /
+85% (CUDA) of the copy bandwidth from 16M (CPU) / 100M (CUDA) parameters.
+
+Every large tensor is placed on transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, set here
+before torch loads): otherwise glibc puts tensors allocated after large frees on its heap, which
+made the same optimizer step up to 2x slower depending on which optimizer ran before it.
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/step.py                    # CPU, 16M parameters
-    PYTHONPATH=. python benchmarks/step.py --device cuda --params 350M
+    PYTHONPATH=. python benchmarks/step.py                            # CPU: 1M, 4M, 16M, 64M
+    PYTHONPATH=. python benchmarks/step.py --device cuda              # CUDA: 1M, 10M, 100M, 1B
 
 Results go to ``benchmarks/results/step_<device>.json`` (device, versions, commit, command line
-and every row), plus a bar chart next to it when matplotlib is installed.
+and every row of every size), a markdown summary ``step_<device>.md`` (also printed), and a plot
+``step_<device>.png`` when matplotlib is installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -46,9 +57,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates anything (see above)
 
-import fusedwarm
+import torch  # noqa: E402
+
+import fusedwarm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,6 +72,10 @@ TARGET_SPEEDUP = 1.3
 TARGET_MIN_PARAMS = 16_000_000
 BASELINE = "torch fused fp32"
 CANDIDATE = "fusedwarm bf16 x16 bf16"
+# The bandwidth targets of the same fusedwarm mode: (fraction of copy bandwidth, from this many
+# parameters) per device type.
+BANDWIDTH_TARGET = {"cpu": (0.80, 16_000_000), "cuda": (0.85, 100_000_000)}
+DEFAULT_SIZES = {"cpu": "1M,4M,16M,64M", "cuda": "1M,10M,100M,1B"}
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 1e-2
 
@@ -74,8 +91,16 @@ def parse_count(text: str) -> int:
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}[m.group(2).lower()]
     value = int(round(float(m.group(1)) * scale))
     if value < 100_000:
-        raise argparse.ArgumentTypeError(f"--params must be at least 100k, got {text!r}")
+        raise argparse.ArgumentTypeError(f"a parameter count must be at least 100k, got {text!r}")
     return value
+
+
+def count_label(n: int) -> str:
+    """16000128 -> '16M', 200000 -> '200k', 1.2e9 -> '1.2G'."""
+    for scale, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
 
 
 def gpt_shapes(total: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -129,35 +154,58 @@ def make_params(shapes, dtype: torch.dtype, device: torch.device, seed: int) -> 
 @dataclass(frozen=True)
 class Mode:
     name: str
-    library: str  # "torch" or "fusedwarm"
+    library: str  # "torch", "fusedwarm", "optimi", "torchao" or "bitsandbytes"
     param_dtype: torch.dtype
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
-    extra_bits: int | None = None
-    state_dtype: torch.dtype | None = None
 
 
-def modes() -> list[Mode]:
-    hyper = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+HYPER = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+# Other libraries' AdamW variants: (module, mode name, weight dtype, factory given the module).
+PEERS = [
+    ("optimi", "optimi bf16 kahan", torch.bfloat16, lambda m, ps: m.AdamW(ps, **HYPER, kahan_sum=True)),
+    ("torchao.optim", "torchao bf16 sr", torch.bfloat16,
+     lambda m, ps: m._AdamW(ps, **HYPER, bf16_stochastic_round=True)),
+    ("torchao.optim", "torchao 8bit bf16", torch.bfloat16, lambda m, ps: m.AdamW8bit(ps, **HYPER)),
+    ("bitsandbytes.optim", "bnb 8bit bf16", torch.bfloat16, lambda m, ps: m.AdamW8bit(ps, **HYPER)),
+]
+
+
+def modes() -> tuple[list[Mode], dict[str, str]]:
+    """The optimizers under test, and for each peer library that cannot be imported, why."""
     out = []
     for dt, short in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         for impl in ("fused", "foreach"):
             out.append(Mode(f"torch {impl} {short}", "torch", dt,
-                            lambda ps, impl=impl: torch.optim.AdamW(ps, **hyper, **{impl: True}), state_dtype=dt))
+                            lambda ps, impl=impl: torch.optim.AdamW(ps, **HYPER, **{impl: True})))
     out.append(Mode("fusedwarm fp32", "fusedwarm", torch.float32,
-                    lambda ps: fusedwarm.AdamW(ps, **hyper, seed=0, warmup="none"), extra_bits=0,
-                    state_dtype=torch.float32))
+                    lambda ps: fusedwarm.AdamW(ps, **HYPER, seed=0, warmup="none")))
     for k in (16, 8, 0):
         for sdt, short in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             out.append(Mode(f"fusedwarm bf16 x{k} {short}", "fusedwarm", torch.bfloat16,
-                            lambda ps, k=k, sdt=sdt: fusedwarm.AdamW(ps, **hyper, extra_bits=k, state_dtype=sdt,
-                                                                     seed=0, warmup="none"),
-                            extra_bits=k, state_dtype=sdt))
-    return out
+                            lambda ps, k=k, sdt=sdt: fusedwarm.AdamW(ps, **HYPER, extra_bits=k, state_dtype=sdt,
+                                                                     seed=0, warmup="none")))
+    missing = {}
+    for module, name, dt, make in PEERS:
+        try:
+            mod = importlib.import_module(module)
+        except Exception as exc:  # an absent or broken peer is reported, not fatal
+            missing[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            continue
+        out.append(Mode(name, module.split(".")[0], dt, lambda ps, mod=mod, make=make: make(mod, ps)))
+    return out, missing
 
 
-def per_param_tensors(opt: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
-    """The optimizer's tensors that have one element per parameter element (states, extra bits)."""
-    return [t for t in opt.state[p].values() if isinstance(t, torch.Tensor) and t.numel() == p.numel()]
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's storage; for a tensor subclass (torchao's quantized states), of its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.nbytes
+
+
+def state_bytes(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
+    """Bytes of every tensor the optimizer keeps for ``p`` (states, extra bits, scales, step)."""
+    return sum(tensor_bytes(t) for t in opt.state[p].values() if isinstance(t, torch.Tensor))
 
 
 def traffic_and_memory(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> tuple[float, float]:
@@ -169,7 +217,7 @@ def traffic_and_memory(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -
     numel = sum(p.numel() for p in params)
     moved = held = 0
     for p in params:
-        states = sum(t.nbytes for t in per_param_tensors(opt, p))
+        states = state_bytes(opt, p)
         moved += 2 * p.nbytes + p.grad.nbytes + 2 * states
         held += p.nbytes + p.grad.nbytes + states
     return moved / numel, held / numel
@@ -295,12 +343,11 @@ class Row:
     name: str
     library: str
     param_dtype: str
-    extra_bits: int | None
-    state_dtype: str | None
     params: int
     tensors: int
     bytes_moved_per_param: float | None = None
     bytes_held_per_param: float | None = None
+    timed_steps: int | None = None
     median_ms: float | None = None
     min_ms: float | None = None
     max_ms: float | None = None
@@ -311,9 +358,12 @@ class Row:
 
 
 def new_row(mode: Mode, shapes) -> Row:
-    return Row(mode.name, mode.library, str(mode.param_dtype).removeprefix("torch."), mode.extra_bits,
-               str(mode.state_dtype).removeprefix("torch.") if mode.state_dtype else None,
+    return Row(mode.name, mode.library, str(mode.param_dtype).removeprefix("torch."),
                sum(math.prod(s) for _, s in shapes), len(shapes))
+
+
+def error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def prepare(mode: Mode, shapes, device: torch.device, seed: int, row: Row) -> torch.optim.Optimizer:
@@ -321,14 +371,27 @@ def prepare(mode: Mode, shapes, device: torch.device, seed: int, row: Row) -> to
     ``row``'s byte counts."""
     params = make_params(shapes, mode.param_dtype, device, seed)
     opt = mode.make(params)
-    opt.step()  # creates the states (and, for fusedwarm, builds/loads the extension)
+    opt.step()  # creates the states (and builds or compiles whatever the optimizer needs)
     sync(device)
     row.bytes_moved_per_param, row.bytes_held_per_param = traffic_and_memory(opt, params)
     return opt
 
 
+def budgeted_steps(opt: torch.optim.Optimizer, device: torch.device, args) -> tuple[int, int]:
+    """(warm-up steps, timed steps) that fit in ``args.max_seconds``, from the time of one more
+    (untimed) step: at most ``args.steps`` timed steps and at least 3; no further warm-up for an
+    optimizer too slow for it (it has taken two untimed steps by then)."""
+    t0 = time.perf_counter()
+    opt.step()
+    sync(device)
+    one = max(time.perf_counter() - t0, 1e-9)
+    timed = max(3, min(args.steps, int(args.max_seconds / one)))
+    return (args.warmup if one * (args.warmup + timed) <= args.max_seconds else 0), timed
+
+
 def fill_timing(row: Row, times: list[float], busy: float, copy_bps: float) -> Row:
     median = statistics.median(times)
+    row.timed_steps = len(times)
     row.median_ms, row.min_ms, row.max_ms = median * 1e3, min(times) * 1e3, max(times) * 1e3
     row.effective_gbps = row.bytes_moved_per_param * row.params / median / 1e9
     row.fraction_of_copy = row.effective_gbps * 1e9 / copy_bps
@@ -340,28 +403,39 @@ def run_mode(mode: Mode, shapes, device: torch.device, args, copy_bps: float) ->
     row = new_row(mode, shapes)
     try:
         opt = prepare(mode, shapes, device, args.seed, row)
-        [(times, busy)] = time_interleaved([opt.step], device, args.warmup, args.steps)
+        warmup, reps = budgeted_steps(opt, device, args)
+        [(times, busy)] = time_interleaved([opt.step], device, warmup, reps)
     except Exception as exc:  # a mode that cannot run here is reported, not fatal
-        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        row.error = error_text(exc)
         return row
     return fill_timing(row, times, busy, copy_bps)
 
 
-def head_to_head(shapes, device: torch.device, args, copy_bps: float) -> dict:
+def head_to_head(modes_by_name: dict[str, Mode], shapes, device: torch.device, args, copy_bps: float) -> dict:
     """The target comparison, timed interleaved (baseline step, candidate step, ...) so that both
     see the same machine load; default thread count for both."""
-    by_name = {m.name: m for m in modes()}
-    base_row, cand_row = new_row(by_name[BASELINE], shapes), new_row(by_name[CANDIDATE], shapes)
-    base_opt = prepare(by_name[BASELINE], shapes, device, args.seed, base_row)
-    cand_opt = prepare(by_name[CANDIDATE], shapes, device, args.seed, cand_row)
+    base_row, cand_row = new_row(modes_by_name[BASELINE], shapes), new_row(modes_by_name[CANDIDATE], shapes)
+    base_opt = prepare(modes_by_name[BASELINE], shapes, device, args.seed, base_row)
+    cand_opt = prepare(modes_by_name[CANDIDATE], shapes, device, args.seed, cand_row)
     (bt, bb), (ct, cb) = time_interleaved([base_opt.step, cand_opt.step], device, args.warmup, args.steps)
     base, cand = fill_timing(base_row, bt, bb, copy_bps), fill_timing(cand_row, ct, cb, copy_bps)
-    numel = base.params
     speedup = base.median_ms / cand.median_ms
     return {"baseline": asdict(base), "candidate": asdict(cand), "speedup": speedup, "target": TARGET_SPEEDUP,
             "target_min_params": TARGET_MIN_PARAMS,
-            "meets_target": speedup >= TARGET_SPEEDUP if device.type == "cpu" and numel >= TARGET_MIN_PARAMS
+            "meets_target": speedup >= TARGET_SPEEDUP if device.type == "cpu" and base.params >= TARGET_MIN_PARAMS
             else None}
+
+
+def bandwidth_verdict(rows: list[Row], device: torch.device) -> dict | None:
+    """The candidate mode's fraction of copy bandwidth against the device's target (None below the
+    target's size or when the candidate did not run)."""
+    target, min_params = BANDWIDTH_TARGET[device.type]
+    cand = next((r for r in rows if r.name == CANDIDATE and not r.error), None)
+    if cand is None:
+        return None
+    return {"mode": CANDIDATE, "fraction_of_copy": cand.fraction_of_copy, "target": target,
+            "target_min_params": min_params,
+            "meets_target": cand.fraction_of_copy >= target if cand.params >= min_params else None}
 
 
 def print_table(rows: list[Row], device: torch.device) -> None:
@@ -378,7 +452,59 @@ def print_table(rows: list[Row], device: torch.device) -> None:
         print(line + (f"{r.cpu_busy:>11.2f}" if busy_col else ""))
 
 
-def save_plot(rows: list[Row], copy_gbps: float, path: Path, title: str) -> bool:
+def markdown(result: dict, path: Path) -> str:
+    """The summary table of a result (every mode, every size: ms per step and fraction of copy
+    bandwidth) with the target verdicts, as the README shows it."""
+    env, sizes = result["environment"], result["sizes"]
+    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    lines = [
+        f"From `{where}` ({env['device_name']}, {env['torch_threads']} threads, torch {env['torch']}, "
+        f"commit {(env['git_commit'] or '?')[:10]}; copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s, "
+        f"in-place add {result['update_bandwidth_gbps']:.1f} GB/s). GPT-style parameter lists; "
+        "per size: median ms per step (fraction of copy bandwidth).",
+        "",
+        "| optimizer | bytes moved / param | " + " | ".join(count_label(s["params"]) for s in sizes) + " |",
+        "|---|---|" + "---|" * len(sizes),
+    ]
+    names = list(dict.fromkeys(r["name"] for s in sizes for r in s["rows"]))
+    for name in names:
+        cells, moved = [], None
+        for s in sizes:
+            r = next((r for r in s["rows"] if r["name"] == name), None)
+            if r is None:
+                cells.append("")
+            elif r["error"]:
+                cells.append("failed")
+            else:
+                moved = r["bytes_moved_per_param"]
+                cells.append(f"{r['median_ms']:.2f} ({100 * r['fraction_of_copy']:.0f}%)")
+        lines.append(f"| {name} | {'' if moved is None else f'{moved:.0f}'} | " + " | ".join(cells) + " |")
+    failed = {r["name"]: r["error"] for s in sizes for r in s["rows"] if r["error"]}
+    notes = [f"{name}: {err}" for name, err in failed.items()]
+    notes += [f"{name}: not run ({why})" for name, why in result["peers_missing"].items()]
+    if notes:
+        lines += ["", "Not measured: " + "; ".join(notes) + "."]
+    lines.append("")
+    for s in sizes:
+        h2h, bw = s["head_to_head"], s["bandwidth"]
+        parts = []
+        if h2h:
+            verdict = "" if h2h["meets_target"] is None else (
+                f", {'meets' if h2h['meets_target'] else 'misses'} the target of {h2h['target']}x")
+            parts.append(f"{h2h['candidate']['name']} vs {h2h['baseline']['name']} timed interleaved: "
+                         f"{h2h['candidate']['median_ms']:.2f} vs {h2h['baseline']['median_ms']:.2f} ms, "
+                         f"speedup {h2h['speedup']:.2f}x{verdict}")
+        if bw and bw["meets_target"] is not None:
+            parts.append(f"{bw['mode']} at {100 * bw['fraction_of_copy']:.0f}% of copy bandwidth, "
+                         f"{'meets' if bw['meets_target'] else 'misses'} the target of {100 * bw['target']:.0f}%")
+        if parts:
+            lines.append(f"- {count_label(s['params'])} parameters: " + "; ".join(parts) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def save_plot(result: dict, path: Path) -> bool:
+    """Milliseconds per step and fraction of copy bandwidth against the parameter count, one line
+    per optimizer."""
     try:
         import matplotlib
 
@@ -386,29 +512,92 @@ def save_plot(rows: list[Row], copy_gbps: float, path: Path, title: str) -> bool
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    ok = [r for r in rows if not r.error]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(ok) + 1.5))
-    colors = ["tab:gray" if r.library == "torch" else "tab:blue" for r in ok]
-    ax.barh([r.name for r in ok], [r.effective_gbps for r in ok], color=colors)
-    ax.axvline(copy_gbps, color="tab:red", linestyle="--", label=f"copy {copy_gbps:.0f} GB/s")
-    for i, r in enumerate(ok):
-        ax.text(r.effective_gbps, i, f" {r.median_ms:.2f} ms", va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("effective bandwidth (modelled bytes / median step time), GB/s")
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right")
+    env, sizes = result["environment"], result["sizes"]
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 5))
+    palette = {"torch": plt.cm.Greys, "fusedwarm": plt.cm.Blues, "optimi": plt.cm.Greens,
+               "torchao": plt.cm.Oranges, "bitsandbytes": plt.cm.Purples}
+    names = list(dict.fromkeys((r["name"], r["library"]) for s in sizes for r in s["rows"]))
+    for lib, cmap in palette.items():
+        mine = [n for n, library in names if library == lib]
+        for i, name in enumerate(mine):
+            pts = [(r["params"], r["median_ms"], r["fraction_of_copy"]) for s in sizes for r in s["rows"]
+                   if r["name"] == name and not r["error"]]
+            if not pts:
+                continue
+            color = cmap(0.45 + 0.5 * (i + 1) / (len(mine) + 1))
+            style = dict(color=color, marker="o", markersize=3, linewidth=2.2 if name == CANDIDATE else 1.2,
+                         linestyle="-" if lib == "fusedwarm" else "--", label=name)
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+            ax_b.plot([p[0] for p in pts], [100 * p[2] for p in pts], **style)
+    ax_t.set(xscale="log", yscale="log", xlabel="parameters", ylabel="ms per step (median)")
+    ax_b.set(xscale="log", xlabel="parameters", ylabel="% of copy bandwidth (modelled bytes / time)")
+    target, _ = BANDWIDTH_TARGET[env["device_type"]]
+    ax_b.axhline(100 * target, color="tab:red", linestyle=":", label=f"target {100 * target:.0f}%")
+    ax_b.legend(fontsize=7, loc="best")
+    fig.suptitle(f"AdamW step, {env['device_name']}, torch {env['torch']}, "
+                 f"copy {result['copy_bandwidth_gbps']:.0f} GB/s", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
+def run_size(count: int, all_modes: list[Mode], selected: list[Mode], device: torch.device, args,
+             copy_bps: float, progress: bool) -> dict:
+    """Every selected mode on a GPT-style parameter list of about ``count`` elements."""
+    shapes = gpt_shapes(count)
+    numel = sum(math.prod(s) for _, s in shapes)
+    print(f"\n== {numel:,} parameters in {len(shapes)} tensors (width {shapes[0][1][1]}, "
+          f"{(len(shapes) - 3) // 12} layers); {args.warmup} warm-up + up to {args.steps} timed steps, median")
+    rows = []
+    for mode in selected:
+        if progress:
+            print(f"  {mode.name} ...", end="\r", flush=True, file=sys.stderr)
+        rows.append(run_mode(mode, shapes, device, args, copy_bps))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, device)
+    versus = None
+    names = {m.name for m in selected}
+    if BASELINE in names and CANDIDATE in names and numel >= TARGET_MIN_PARAMS:
+        if progress:
+            print(f"  {CANDIDATE} vs {BASELINE} ...", end="\r", flush=True, file=sys.stderr)
+        try:
+            versus = head_to_head({m.name: m for m in all_modes}, shapes, device, args, copy_bps)
+        except Exception as exc:
+            print(f"head-to-head {CANDIDATE} vs {BASELINE} failed: {error_text(exc)}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if versus:
+        verdict = ""
+        if versus["meets_target"] is not None:
+            verdict = " -> meets" if versus["meets_target"] else " -> MISSES"
+            verdict += f" the CPU target of >= {TARGET_SPEEDUP}x"
+        print(f"{CANDIDATE} vs {BASELINE}, timed interleaved: {versus['candidate']['median_ms']:.2f} vs "
+              f"{versus['baseline']['median_ms']:.2f} ms/step, speedup {versus['speedup']:.2f}x{verdict}")
+    bandwidth = bandwidth_verdict(rows, device)
+    if bandwidth and bandwidth["meets_target"] is not None:
+        print(f"{CANDIDATE} at {bandwidth['fraction_of_copy']:.0%} of copy bandwidth -> "
+              f"{'meets' if bandwidth['meets_target'] else 'MISSES'} the target of >= {bandwidth['target']:.0%}")
+    return {"params": numel, "tensors": len(shapes), "requested_params": count,
+            "shapes": [[n, list(s)] for n, s in shapes], "rows": [asdict(r) for r in rows],
+            "head_to_head": versus, "bandwidth": bandwidth}
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [parse_count(part) for part in text.split(",") if part.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--params", type=parse_count, default=None,
-                        help="total parameter count, e.g. 16M, 350M, 1.5G (default: 16M on CPU, 350M on CUDA)")
+    parser.add_argument("--sizes", type=parse_sizes, default=None,
+                        help="comma-separated parameter counts, e.g. 1M,16M,1.5G "
+                             f"(default: {DEFAULT_SIZES['cpu']} on CPU, {DEFAULT_SIZES['cuda']} on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per optimizer (default: 25 CPU, 100 CUDA)")
+    parser.add_argument("--max-seconds", type=float, default=20.0,
+                        help="time budget of one optimizer's warm-up and timed steps; slower ones take fewer "
+                             "(at least 3 timed)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
     parser.add_argument("--only", default=None, help="regular expression: run only the matching optimizers")
     parser.add_argument("--seed", type=int, default=0)
@@ -420,68 +609,51 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
-    if args.params is None:
-        args.params = 16_000_000 if device.type == "cpu" else 350_000_000
+    if args.sizes is None:
+        args.sizes = parse_sizes(DEFAULT_SIZES[device.type])
+    if not args.sizes:
+        parser.error("--sizes is empty")
     if args.steps is None:
         args.steps = 25 if device.type == "cpu" else 100
+    if args.steps < 1 or args.warmup < 0 or args.max_seconds <= 0:
+        parser.error("--steps must be >= 1, --warmup >= 0 and --max-seconds > 0")
 
-    shapes = gpt_shapes(args.params)
-    numel = sum(math.prod(s) for _, s in shapes)
     env = environment(device)
-    selected = [m for m in modes() if args.only is None or re.search(args.only, m.name)]
+    env["thp_mem_alloc"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    all_modes, peers_missing = modes()
+    selected = [m for m in all_modes if args.only is None or re.search(args.only, m.name)]
     progress = sys.stderr.isatty()
 
-    copy_bytes = min(2 << 30, max(256 << 20, 8 * numel)) if device.type == "cuda" else 256 << 20
+    copy_bytes = (1 << 30) if device.type == "cuda" else 256 << 20
     bandwidth = memory_bandwidths(device, copy_bytes, reps=20)
     copy_bps = bandwidth["copy"]
     print(f"device: {env['device_name']} ({device.type}); torch {env['torch']}, {env['torch_threads']} threads, "
           f"python {env['python']}, commit {(env['git_commit'] or '?')[:10]}{' (dirty)' if env['git_dirty'] else ''}")
     if env.get("load_average"):
         print(f"load average before the run: {env['load_average'][0]:.2f} (other work on the machine skews timings)")
-    print(f"parameters: {numel:,} in {len(shapes)} tensors (width {shapes[0][1][1]}, "
-          f"{(len(shapes) - 3) // 12} layers); {args.warmup} warm-up + {args.steps} timed steps, median")
     print(f"copy bandwidth: {copy_bps / 1e9:.1f} GB/s (read + write, {copy_bytes >> 20} MiB tensors, best of 20); "
-          f"in-place add a += b: {bandwidth['update'] / 1e9:.1f} GB/s\n")
+          f"in-place add a += b: {bandwidth['update'] / 1e9:.1f} GB/s")
+    for name, why in peers_missing.items():
+        print(f"not run: {name} ({why})")
 
-    rows = []
-    for mode in selected:
-        if progress:
-            print(f"  {mode.name} ...", end="\r", flush=True, file=sys.stderr)
-        rows.append(run_mode(mode, shapes, device, args, copy_bps))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print_table(rows, device)
-
-    versus = None
-    if args.only is None or (re.search(args.only, BASELINE) and re.search(args.only, CANDIDATE)):
-        if progress:
-            print(f"  {CANDIDATE} vs {BASELINE} ...", end="\r", flush=True, file=sys.stderr)
-        try:
-            versus = head_to_head(shapes, device, args, copy_bps)
-        except Exception as exc:
-            print(f"\nhead-to-head {CANDIDATE} vs {BASELINE} failed: {type(exc).__name__}: {exc}")
-    if versus:
-        verdict = ""
-        if versus["meets_target"] is not None:
-            verdict = " -> meets" if versus["meets_target"] else " -> MISSES"
-            verdict += f" the CPU target of >= {TARGET_SPEEDUP}x"
-        print(f"\n{CANDIDATE} vs {BASELINE}, timed interleaved: {versus['candidate']['median_ms']:.2f} vs "
-              f"{versus['baseline']['median_ms']:.2f} ms/step, speedup {versus['speedup']:.2f}x{verdict}")
+    sizes = [run_size(count, all_modes, selected, device, args, copy_bps, progress) for count in args.sizes]
 
     out = args.out or RESULTS / f"step_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "step", "environment": env,
-              "config": {"params": numel, "tensors": len(shapes), "requested_params": args.params,
-                         "steps": args.steps, "warmup": args.warmup, "seed": args.seed, "lr": LR, "betas": BETAS,
-                         "eps": EPS, "weight_decay": WEIGHT_DECAY, "copy_bytes": copy_bytes,
-                         "bytes_model": "weight, extra bits and states read + written once, gradient read once",
-                         "shapes": [[n, list(s)] for n, s in shapes]},
+              "config": {"sizes": args.sizes, "steps": args.steps, "max_seconds": args.max_seconds,
+                         "warmup": args.warmup, "seed": args.seed, "lr": LR, "betas": BETAS, "eps": EPS,
+                         "weight_decay": WEIGHT_DECAY, "copy_bytes": copy_bytes,
+                         "bytes_model": "weight and every tensor the optimizer keeps per parameter read + written "
+                                        "once, gradient read once"},
               "copy_bandwidth_gbps": copy_bps / 1e9, "update_bandwidth_gbps": bandwidth["update"] / 1e9,
-              "rows": [asdict(r) for r in rows], "head_to_head": versus}
+              "peers_missing": peers_missing, "sizes": sizes}
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    title = f"AdamW step, {numel / 1e6:.1f}M params, {env['device_name']}, torch {env['torch']}"
-    if save_plot(rows, copy_bps / 1e9, out.with_suffix(".png"), title):
+    table = markdown(result, out.resolve())
+    out.with_suffix(".md").write_text(table)
+    print("\n" + table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    if save_plot(result, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
     return 0
 
