@@ -73,6 +73,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import fusedwarm
 from step import environment, git, sync
@@ -85,6 +86,7 @@ BASELINE, CANDIDATE = "fusedwarm", "fusedwarm-bs"
 VOCAB = 256  # bytes
 MIB = 2**20
 CODE_PATHS = ("fusedwarm/", "csrc/", "benchmarks/")  # uncommitted changes here affect the results
+HYPER = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}  # AdamW's, besides lr, in every configuration
 
 
 # ---- data and model -----------------------------------------------------------------------------
@@ -203,7 +205,7 @@ CONFIGS = {c.name: c for c in (
 def make_optimizer(config: Config, params: list[nn.Parameter], args: argparse.Namespace) -> tuple[
         torch.optim.Optimizer, str]:
     """The configuration's optimizer over ``params`` and a short description of its implementation."""
-    hyper = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    hyper = dict(lr=args.lr, **HYPER)
     if config.extra_bits is None:
         try:
             return torch.optim.AdamW(params, **hyper, fused=True), "torch.optim.AdamW(fused=True)"
@@ -229,10 +231,12 @@ class Run:
     """A configuration's persistent model and optimizer, trained one iteration at a time."""
 
     def __init__(self, config: Config, args: argparse.Namespace, device: torch.device,
-                 probe: Callable[[str], None] | None = None) -> None:
+                 probe: Callable[[str], None] | None = None, make_opt: Callable = make_optimizer) -> None:
         """With ``probe``, it is called from post-accumulate-grad hooks on every parameter, registered
         before the optimizer is built and after it (hooks run in registration order, so the first
-        see each gradient before a ``backward_step`` optimizer consumes it, the second after)."""
+        see each gradient before a ``backward_step`` optimizer consumes it, the second after).
+        ``make_opt(config, params, args)`` returns the optimizer and its description (another
+        benchmark passes its own, with more configurations)."""
         self.config = config
         self.device = device
         self.model = make_model(config, args, device)
@@ -240,7 +244,7 @@ class Run:
         if probe:
             for p in self.params:
                 p.register_post_accumulate_grad_hook(lambda _: probe("gradient arrived"))
-        self.opt, self.impl = make_optimizer(config, self.params, args)
+        self.opt, self.impl = make_opt(config, self.params, args)
         if probe:
             for p in self.params:
                 p.register_post_accumulate_grad_hook(lambda _: probe("gradient consumed"))
@@ -291,10 +295,17 @@ class Run:
 
 
 def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct tensors among ``tensors`` (a tied parameter counts once)."""
+    """Bytes of the distinct tensors among ``tensors`` (a tied parameter counts once). A tensor
+    subclass that wraps others (e.g. torchao's 8-bit optimizer states: codes, scales, a shared
+    quantization map) counts the tensors it holds, since its own size is its logical float size."""
     seen = {}
-    for t in tensors:
-        seen[(t.data_ptr(), t.nbytes)] = t.nbytes
+    stack = list(tensors)
+    while stack:
+        t = stack.pop()
+        if is_traceable_wrapper_subclass(t):
+            stack += [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+        else:
+            seen[(t.data_ptr(), t.nbytes)] = t.nbytes
     return sum(seen.values())
 
 
@@ -303,8 +314,10 @@ def state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
 
 
-def measure_memory(config: Config, args: argparse.Namespace, device: torch.device) -> dict:
-    """Memory of one configuration, measured in this (fresh) process; see the module docstring."""
+def measure_memory(config: Config, args: argparse.Namespace, device: torch.device,
+                   make_opt: Callable = make_optimizer) -> dict:
+    """Memory of one configuration, measured in this (fresh) process; see the module docstring.
+    ``make_opt`` builds the optimizer, as for ``Run``."""
     # Load the extension in every configuration's process, so the RSS baseline includes it.
     fusedwarm.AdamW([nn.Parameter(torch.zeros(1, device=device))])
     text, _ = load_text(args.text_bytes)
@@ -324,7 +337,7 @@ def measure_memory(config: Config, args: argparse.Namespace, device: torch.devic
         if storage > peak["storage"]:
             peak["storage"], peak["where"] = storage, where
 
-    run = Run(config, args, device, probe)
+    run = Run(config, args, device, probe, make_opt)
     for _ in range(args.warmup):
         run.iteration(batches)
     sync(device)
@@ -351,9 +364,11 @@ def measure_memory(config: Config, args: argparse.Namespace, device: torch.devic
     return out
 
 
-def memory_in_subprocess(name: str, argv: list[str]) -> dict:
-    """Runs ``measure_memory`` for configuration ``name`` in a fresh Python process."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--measure-memory", name]
+def memory_in_subprocess(name: str, argv: list[str], script: Path = Path(__file__)) -> dict:
+    """Runs ``measure_memory`` for configuration ``name`` in a fresh Python process: ``script``
+    (this file, or another benchmark with the same hidden ``--measure-memory NAME`` option) with
+    ``argv``; returns the JSON dict that it prints last, or ``{"error": ...}``."""
+    cmd = [sys.executable, str(script.resolve()), *argv, "--measure-memory", name]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -582,8 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     numel = sum(p.numel() for p in first.params)
     setup = {"layers": args.layers, "dim": args.dim, "heads": args.heads, "seq": args.seq, "batch": args.batch,
              "tie": args.tie, "params": numel, "tensors": len(first.params), "bucket_cap_mb": args.bucket_cap_mb,
-             "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1, "rounds": args.rounds, "iters": args.iters,
-             "warmup": args.warmup, "seed": args.seed, "text_bytes": len(text),
+             "lr": args.lr, "betas": list(HYPER["betas"]), "weight_decay": HYPER["weight_decay"],
+             "rounds": args.rounds, "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
+             "text_bytes": len(text),
              "text_source": f"{os.path.dirname(os.__file__)}/*.py, sorted: {files[0]} .. {files[-1]} "
                             f"({len(files)} files)"}
     print(f"device: {env['device_name']} ({device.type}); torch {env['torch']}, {env['torch_threads']} threads; "
