@@ -60,6 +60,7 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates anything (see above)
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: E402
 
 import fusedwarm  # noqa: E402
 
@@ -195,17 +196,18 @@ def modes() -> tuple[list[Mode], dict[str, str]]:
     return out, missing
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of a tensor's storage; for a tensor subclass (torchao's quantized states), of its inner tensors."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.nbytes
+def plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t``; for a tensor subclass that wraps others (torchao's quantized states: codes, scales, a
+    quantization map), the plain tensors it holds, which are its storage (its own size is its
+    logical float size)."""
+    if is_traceable_wrapper_subclass(t):
+        return [x for name in t.__tensor_flatten__()[0] for x in plain_tensors(getattr(t, name))]
+    return [t]
 
 
 def state_bytes(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
     """Bytes of every tensor the optimizer keeps for ``p`` (states, extra bits, scales, step)."""
-    return sum(tensor_bytes(t) for t in opt.state[p].values() if isinstance(t, torch.Tensor))
+    return sum(x.nbytes for t in opt.state[p].values() if isinstance(t, torch.Tensor) for x in plain_tensors(t))
 
 
 def traffic_and_memory(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> tuple[float, float]:

@@ -73,10 +73,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import fusedwarm
-from step import environment, git, sync
+from step import environment, git, plain_tensors, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -299,13 +298,9 @@ def tensor_bytes(tensors) -> int:
     subclass that wraps others (e.g. torchao's 8-bit optimizer states: codes, scales, a shared
     quantization map) counts the tensors it holds, since its own size is its logical float size."""
     seen = {}
-    stack = list(tensors)
-    while stack:
-        t = stack.pop()
-        if is_traceable_wrapper_subclass(t):
-            stack += [getattr(t, name) for name in t.__tensor_flatten__()[0]]
-        else:
-            seen[(t.data_ptr(), t.nbytes)] = t.nbytes
+    for t in tensors:
+        for x in plain_tensors(t):
+            seen[(x.data_ptr(), x.nbytes)] = x.nbytes
     return sum(seen.values())
 
 

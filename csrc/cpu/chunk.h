@@ -5,6 +5,29 @@
 
 namespace fusedwarm {
 
+// Software prefetch. The hardware prefetchers follow each array only within a 4 KiB page and
+// restart at the next one; with up to six arrays whose page offsets differ (small tensors come
+// from the heap at arbitrary addresses) their restarts stop coinciding, and the loop ran up to 2x
+// slower than with equal offsets (16.7M-element x16 bf16 AdamW, one thread: 1.40 ns/element with
+// equal offsets, 2.74 with offsets 0, 1024, 2048, 3072, 512 bytes). So the loop runs in blocks of
+// kPrefetchBlock elements and first prefetches, in every array, the block kPrefetchAhead elements
+// further on: 1.24 to 1.34 ns/element for all those offsets.
+constexpr int64_t kPrefetchBlock = 128;
+constexpr int64_t kPrefetchAhead = 1024;
+
+// Prefetches the cache lines of p[0 .. count) (for writing when `write`).
+template <class T>
+inline void prefetch(const T* p, int64_t count, bool write) {
+  constexpr int64_t kLine = 64 / sizeof(T) > 0 ? 64 / sizeof(T) : 1;
+  for (int64_t k = 0; k < count; k += kLine) {
+    if (write) {
+      __builtin_prefetch(p + k, 1);
+    } else {
+      __builtin_prefetch(p + k, 0);
+    }
+  }
+}
+
 // The element loop of one chunk; returns the number of elements skipped for a non-finite
 // gradient. Everything arrives by value and the arrays are __restrict, so the compiler knows the
 // stores (an int8 extra-bits store may alias anything) cannot change the scalars or pointers, and
@@ -21,14 +44,25 @@ int64_t run_chunk(const typename Rule::Scalars sc, const uint32_t key, const flo
   constexpr int kS = Rule::kStates;
   typename S::storage unused{};
   int64_t skipped = 0;
+  for (int64_t b0 = begin; b0 < end; b0 += kPrefetchBlock) {
+    const int64_t b1 = b0 + kPrefetchBlock < end ? b0 + kPrefetchBlock : end;
+    const int64_t ahead = b0 + kPrefetchAhead;
+    if (ahead + kPrefetchBlock <= end) {
+      prefetch(w + ahead, kPrefetchBlock, true);
+      prefetch(g + ahead, kPrefetchBlock, false);
+      if (P::K > 0) prefetch(ext + ahead, kPrefetchBlock, true);
+      if (kS > 0) prefetch(s0 + ahead, kPrefetchBlock, true);
+      if (kS > 1) prefetch(s1 + ahead, kPrefetchBlock, true);
+    }
 #pragma omp simd reduction(+ : skipped)
-  for (int64_t k = begin; k < end; ++k) {
-    int32_t e = P::K > 0 ? static_cast<int32_t>(ext[k]) : 0;
-    const bool ok = fw::update_element<Rule, P, S, M>(sc, key, static_cast<uint64_t>(k), w[k], e, g[k],
-                                                      grad_scale, kS > 0 ? s0[k] : unused, kS > 1 ? s1[k] : unused,
-                                                      coef);
-    if (P::K > 0) ext[k] = static_cast<typename P::extra_storage>(e);
-    skipped += ok ? 0 : 1;
+    for (int64_t k = b0; k < b1; ++k) {
+      int32_t e = P::K > 0 ? static_cast<int32_t>(ext[k]) : 0;
+      const bool ok = fw::update_element<Rule, P, S, M>(sc, key, static_cast<uint64_t>(k), w[k], e, g[k],
+                                                        grad_scale, kS > 0 ? s0[k] : unused,
+                                                        kS > 1 ? s1[k] : unused, coef);
+      if (P::K > 0) ext[k] = static_cast<typename P::extra_storage>(e);
+      skipped += ok ? 0 : 1;
+    }
   }
   return skipped;
 }
