@@ -63,6 +63,7 @@ struct ParamHalf {
 struct StateF32 {
   using storage = float;
   static constexpr bool kLossy = false;
+  static constexpr int kRandomBits = 0;
   static FW_HD float load(float s) { return s; }
   static FW_HD float store(float v, uint32_t) { return v; }
 };
@@ -72,6 +73,7 @@ struct StateF32 {
 struct StateBF16 {
   using storage = uint16_t;
   static constexpr bool kLossy = true;
+  static constexpr int kRandomBits = 16;  // store() uses the top 16 bits of its random word
   static FW_HD float load(uint16_t s) { return half_bits_to_float<BF16Format>(s); }
   static FW_HD uint16_t store(float v, uint32_t rnd) { return half_bits_from_float_sr<BF16Format>(v, rnd); }
 };
@@ -283,7 +285,7 @@ struct RowCoef {
 // untouched (weight, extra bits and states), so a single overflow never corrupts a weight; the
 // return value is true when the element was updated, for the backends to count skips. `key` is
 // stream_key(seed, tensor, step, random_block(index)) (philox.cuh); the element's random words
-// round the master (if lossy) and then the states, in that order.
+// round the master (if lossy) and then the states (see below).
 // Everything is computed unconditionally and selected at the end (no early return, no arrays),
 // so that the CPU loop vectorizes.
 //
@@ -303,19 +305,22 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t key, uint64
   float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
   Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
   p = coef.template blend<M>(p0, p);
-  // Random words: one per stochastically rounded value, the weight's first.
+  // Random words: the weight's first (if lossy), then one for the states (if lossy): a state
+  // rounds with the top 16 bits of its word (StateBF16), so the first state takes the word's
+  // high half and the second its low half.
+  static_assert(!S::kLossy || S::kRandomBits == 16, "lossy states share one 32-bit random word");
   constexpr int kWeightWords = P::kLossy ? 1 : 0;
-  constexpr int kWords = kWeightWords + (S::kLossy ? Rule::kStates : 0);
+  constexpr int kWords = kWeightWords + (S::kLossy && Rule::kStates > 0 ? 1 : 0);
   U32x4 r{0u, 0u, 0u, 0u};
   if (kWords > 0) r = element_random<kWords>(key, index);
-  const uint32_t rs[4] = {r.x, r.y, r.z, r.w};
+  const uint32_t state_word = kWeightWords > 0 ? r.y : r.x;
   typename P::storage w_new;
   int32_t e_new;
   P::store(p, r.x, w_new, e_new);
   w = ok ? w_new : w;
   e = ok ? e_new : e;
-  if (Rule::kStates > 0) s0 = ok ? S::store(f0, rs[kWeightWords]) : s0;
-  if (Rule::kStates > 1) s1 = ok ? S::store(f1, rs[kWeightWords + 1]) : s1;
+  if (Rule::kStates > 0) s0 = ok ? S::store(f0, state_word) : s0;
+  if (Rule::kStates > 1) s1 = ok ? S::store(f1, state_word << 16) : s1;
   return ok;
 }
 
