@@ -1,5 +1,5 @@
 """Writes the committed benchmark results into README.md: the markdown tables that the benchmark
-scripts write next to their JSON (``MARKDOWN_BLOCKS``: step benchmark, training loop, warmup
+scripts write next to their JSON (``MARKDOWN_BLOCKS``: step and training benchmarks, training loop, warmup
 experiment, PAM experiment) go between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``, so the
 README's numbers always come from a result file. Without ``--update-readme`` it prints them."""
 
@@ -13,6 +13,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # README block name -> the result file (written by its benchmark script) copied into it.
 MARKDOWN_BLOCKS = {
     "step-results": RESULTS / "step_cpu.md",
+    "train-results": RESULTS / "train_cpu.md",
     "train-loop-results": RESULTS / "train_loop_cpu.md",
     "warmup-experiment-results": RESULTS / "warmup_experiment.md",
     "pam-experiment-results": RESULTS / "pam_experiment.md",
