@@ -84,8 +84,9 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
       uint32_t key = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
       // Each piece lies in one row, taking its coefficients, and in one block of the random stream.
       for (int64_t b = begin; b < end;) {
-        if (fw::random_block(static_cast<uint64_t>(b)) != block) {
-          block = fw::random_block(static_cast<uint64_t>(b));
+        const uint32_t piece_block = fw::random_block(static_cast<uint64_t>(b));
+        if (piece_block != block) {
+          block = piece_block;
           key = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
         }
         const int64_t row = b / row_size;

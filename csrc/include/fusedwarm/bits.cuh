@@ -41,6 +41,20 @@ struct HalfFormat {
 using BF16Format = HalfFormat<8, 7>;
 using F16Format = HalfFormat<5, 10>;
 
+// Stochastic rounding in fp32's own exponent range (encode_magnitude with EB == 8), on a whole
+// fp32 pattern b, sign included: b with its 23 - N low mantissa bits dropped (subnormals
+// included), sign at bit 31 - (23 - N), NaN as the canonical NaN with b's sign. A finite input
+// rounds at most to the infinity pattern (the added bits are below 2^(23 - N)) and infinity stays
+// itself, so only NaN needs a select; and below NaN nothing carries from the magnitude (at most
+// 0x7F800000) into the sign, so for a signed b this is sign | encode_magnitude<8, N>(|b|) in
+// fewer vector operations (bfloat16 states and masters).
+template <int N>
+FW_HD uint32_t round_pattern_sr(uint32_t b, uint32_t rnd) {
+  constexpr int kDrop = 23 - N;
+  const uint32_t c = (b & 0x7FFFFFFFu) > 0x7F800000u ? (b & 0x80000000u) | 0x7FC00000u : b;
+  return kDrop == 0 ? c : (c + (rnd >> ((32 - kDrop) & 31))) >> kDrop;
+}
+
 // Magnitude pattern of |x| in a format with EB exponent bits and N <= 23 mantissa bits,
 // rounded stochastically with the 32 random bits `rnd` (exact when nothing is dropped).
 // Results past the largest finite value become the infinity pattern; NaN stays NaN.
@@ -52,15 +66,9 @@ FW_HD uint32_t encode_magnitude(uint32_t abs_bits, uint32_t rnd) {
   constexpr int kEmin = 1 - kBias;
   constexpr uint32_t kInf = ((1u << EB) - 1u) << N;
   constexpr uint32_t kNaN = kInf | (1u << (N - 1));
-  if (EB == 8) {
-    // fp32's own exponent range: the pattern is fp32's with 23 - N bits dropped, subnormals
-    // included; same result as the general path below, in 32-bit arithmetic. A finite input
-    // rounds at most to the infinity pattern (abs_bits < kInf << kDrop and the added bits are
-    // below 2^kDrop), and infinity stays itself, so only NaN needs a select.
-    constexpr int kDrop = 23 - N;
-    const uint32_t rounded = kDrop == 0 ? abs_bits : (abs_bits + (rnd >> ((32 - kDrop) & 31))) >> kDrop;
-    return abs_bits > 0x7F800000u ? kNaN : rounded;
-  }
+  // fp32's own exponent range: the pattern is fp32's with 23 - N bits dropped, subnormals
+  // included (round_pattern_sr on the sign-free pattern).
+  if (EB == 8) return round_pattern_sr<N>(abs_bits, rnd);
   const int E = static_cast<int>(abs_bits >> 23);
   const uint32_t f = abs_bits & 0x7FFFFFu;
   const uint32_t q = E ? (f | 0x800000u) : f;  // significand: value = q * 2^(e - 23)
@@ -101,17 +109,12 @@ FW_HD float decode_magnitude(uint32_t x) {
   return (x >> N) == kExpMax ? special : value;
 }
 
-// fp32 -> half format F with stochastic rounding (optimizer states in bfloat16).
-// bfloat16 is the top half of fp32, and below NaN adding the random bits to the whole pattern
-// cannot carry into the sign (|x| <= inf's pattern 0x7F800000, plus at most 0xFFFF), so the sign
-// needs no separate handling: the same result as the general path in fewer vector operations.
+// fp32 -> half format F with stochastic rounding (optimizer states in bfloat16; bfloat16 is
+// fp32's top half, rounded by round_pattern_sr).
 template <class F>
 FW_HD uint16_t half_bits_from_float_sr(float x, uint32_t rnd) {
   const uint32_t b = float_bits(x);
-  if (F::EB == 8 && F::MB == 7) {
-    const uint32_t rounded = (b + (rnd >> 16)) >> 16;
-    return static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? ((b >> 16) & 0x8000u) | 0x7FC0u : rounded);
-  }
+  if (F::EB == 8 && F::MB == 7) return static_cast<uint16_t>(round_pattern_sr<F::MB>(b, rnd));
   return static_cast<uint16_t>(((b >> 16) & 0x8000u) | encode_magnitude<F::EB, F::MB>(b & 0x7FFFFFFFu, rnd));
 }
 
@@ -137,32 +140,30 @@ struct MasterCodec {
   // magnitude pattern X = (top << D) + e is never negative (top = 0 implies e = X >= 0) and stays
   // below 2^31, so adding or splitting it never carries into or borrows from the sign bit.
   static constexpr bool kBF16 = F::EB == 8 && F::MB == 7;
-  static constexpr int kDrop = 23 - N;  // fp32 mantissa bits the master does not keep
 
   template <class M = Ieee>
   static FW_HD float decode(uint16_t w, int32_t e) {
-    if (kBF16) return bits_float((static_cast<uint32_t>(w) << 16) + (static_cast<uint32_t>(e) << kDrop));
+    if (kBF16) return bits_float((static_cast<uint32_t>(w) << 16) + (static_cast<uint32_t>(e) << (23 - N)));
     const uint32_t x = (static_cast<uint32_t>(w & 0x7FFFu) << D) + static_cast<uint32_t>(e);
     return with_half_sign(decode_magnitude<F::EB, N, M>(x), w);
+  }
+
+  // Splits a master pattern x (a magnitude; signed in the bfloat16 shortcut) into its visible top
+  // bits, returned, and the extra bits e.
+  static FW_HD uint32_t split(uint32_t x, int32_t& e) {
+    const uint32_t top = D > 0 ? (x + (1u << (D > 0 ? D - 1 : 0))) >> D : x;
+    e = static_cast<int32_t>(x - (top << D));
+    return top;
   }
 
   // Writes the master `v` as visible weight w and extra bits e (NaN as the canonical NaN).
   static FW_HD void encode(float v, uint32_t rnd, uint16_t& w, int32_t& e) {
     const uint32_t b = float_bits(v);
     if (kBF16) {
-      // encode_magnitude's EB == 8 rounding on the signed pattern; NaN first becomes the pattern
-      // whose rounding is encode_magnitude's NaN (0x7FC00000 has no bits below the master's).
-      const uint32_t c = (b & 0x7FFFFFFFu) > 0x7F800000u ? (b & 0x80000000u) | 0x7FC00000u : b;
-      const uint32_t y = kDrop == 0 ? c : (c + (rnd >> ((32 - kDrop) & 31))) >> kDrop;
-      const uint32_t t = D > 0 ? (y + (1u << (D > 0 ? D - 1 : 0))) >> D : y;
-      e = static_cast<int32_t>(y - (t << D));
-      w = static_cast<uint16_t>(t);
+      w = static_cast<uint16_t>(split(round_pattern_sr<N>(b, rnd), e));
       return;
     }
-    const uint32_t x = encode_magnitude<F::EB, N>(b & 0x7FFFFFFFu, rnd);
-    uint32_t top = x;
-    if (D > 0) top = (x + (1u << (D > 0 ? D - 1 : 0))) >> D;
-    e = static_cast<int32_t>(x - (top << D));
+    const uint32_t top = split(encode_magnitude<F::EB, N>(b & 0x7FFFFFFFu, rnd), e);
     w = static_cast<uint16_t>(((b >> 16) & 0x8000u) | top);
   }
 };
