@@ -56,6 +56,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates anything (see above)
 
@@ -161,14 +162,36 @@ class Mode:
 
 
 HYPER = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-# Other libraries' AdamW variants: (module, mode name, weight dtype, factory given the module).
-PEERS = [
-    ("optimi", "optimi bf16 kahan", torch.bfloat16, lambda m, ps: m.AdamW(ps, **HYPER, kahan_sum=True)),
-    ("torchao.optim", "torchao bf16 sr", torch.bfloat16,
-     lambda m, ps: m._AdamW(ps, **HYPER, bf16_stochastic_round=True)),
-    ("torchao.optim", "torchao 8bit bf16", torch.bfloat16, lambda m, ps: m.AdamW8bit(ps, **HYPER)),
-    ("bitsandbytes.optim", "bnb 8bit bf16", torch.bfloat16, lambda m, ps: m.AdamW8bit(ps, **HYPER)),
-]
+
+
+class Peer(NamedTuple):
+    """An AdamW from another library: the module to import, a description, and
+    ``build(module, params, hyper)`` returning the optimizer (hyper: lr, betas, eps, weight_decay)."""
+
+    module: str
+    description: str
+    build: Callable
+
+
+# The other libraries' AdamW variants, shared with benchmarks/train.py.
+PEER_ADAMW = {
+    "optimi kahan": Peer("optimi", "optimi.AdamW(kahan_sum=True)",
+                         lambda m, ps, h: m.AdamW(ps, **h, kahan_sum=True)),
+    "torchao bf16 sr": Peer("torchao.optim", "torchao.optim._AdamW(bf16_stochastic_round=True)",
+                            lambda m, ps, h: m._AdamW(ps, **h, bf16_stochastic_round=True)),
+    "torchao 8bit": Peer("torchao.optim", "torchao.optim.AdamW8bit", lambda m, ps, h: m.AdamW8bit(ps, **h)),
+    "bnb 8bit": Peer("bitsandbytes.optim", "bitsandbytes.optim.AdamW8bit", lambda m, ps, h: m.AdamW8bit(ps, **h)),
+}
+# This benchmark's peer modes, all on bfloat16 weights: mode name -> PEER_ADAMW entry.
+PEER_MODES = {"optimi bf16 kahan": "optimi kahan", "torchao bf16 sr": "torchao bf16 sr",
+              "torchao 8bit bf16": "torchao 8bit", "bnb 8bit bf16": "bnb 8bit"}
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone for an empty message), as reported for
+    an optimizer that cannot run."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def modes() -> tuple[list[Mode], dict[str, str]]:
@@ -186,13 +209,15 @@ def modes() -> tuple[list[Mode], dict[str, str]]:
                             lambda ps, k=k, sdt=sdt: fusedwarm.AdamW(ps, **HYPER, extra_bits=k, state_dtype=sdt,
                                                                      seed=0, warmup="none")))
     missing = {}
-    for module, name, dt, make in PEERS:
+    for name, kind in PEER_MODES.items():
+        peer = PEER_ADAMW[kind]
         try:
-            mod = importlib.import_module(module)
+            mod = importlib.import_module(peer.module)
         except Exception as exc:  # an absent or broken peer is reported, not fatal
-            missing[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            missing[name] = first_line(exc)
             continue
-        out.append(Mode(name, module.split(".")[0], dt, lambda ps, mod=mod, make=make: make(mod, ps)))
+        out.append(Mode(name, peer.module.split(".")[0], torch.bfloat16,
+                        lambda ps, mod=mod, peer=peer: peer.build(mod, ps, HYPER)))
     return out, missing
 
 
@@ -364,10 +389,6 @@ def new_row(mode: Mode, shapes) -> Row:
                sum(math.prod(s) for _, s in shapes), len(shapes))
 
 
-def error_text(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
 def prepare(mode: Mode, shapes, device: torch.device, seed: int, row: Row) -> torch.optim.Optimizer:
     """An optimizer over fresh parameters that has taken its first step (states created); fills
     ``row``'s byte counts."""
@@ -408,7 +429,7 @@ def run_mode(mode: Mode, shapes, device: torch.device, args, copy_bps: float) ->
         warmup, reps = budgeted_steps(opt, device, args)
         [(times, busy)] = time_interleaved([opt.step], device, warmup, reps)
     except Exception as exc:  # a mode that cannot run here is reported, not fatal
-        row.error = error_text(exc)
+        row.error = first_line(exc)
         return row
     return fill_timing(row, times, busy, copy_bps)
 
@@ -567,7 +588,7 @@ def run_size(count: int, all_modes: list[Mode], selected: list[Mode], device: to
         try:
             versus = head_to_head({m.name: m for m in all_modes}, shapes, device, args, copy_bps)
         except Exception as exc:
-            print(f"head-to-head {CANDIDATE} vs {BASELINE} failed: {error_text(exc)}")
+            print(f"head-to-head {CANDIDATE} vs {BASELINE} failed: {first_line(exc)}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if versus:

@@ -95,14 +95,12 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from step import environment, git, sync
+from step import PEER_ADAMW, environment, first_line, git, sync
 from train_loop import (CODE_PATHS, HYPER, MIB, VOCAB, ByteGPT, Config, Run, load_text, make_batches,
                         measure_memory, memory_in_subprocess, mib)
 from train_loop import make_optimizer as loop_optimizer
@@ -144,21 +142,9 @@ CONFIGS = {c.name: c for c in (
 )}
 
 
-class Peer(NamedTuple):
-    """An AdamW from another library: the module to import, and ``build(module, params, hyper)``
-    returning the optimizer and a description of it."""
-
-    module: str
-    build: Callable
-
-
-PEERS = {
-    "optimi-bf16": Peer("optimi", lambda m, ps, h: (m.AdamW(ps, **h, kahan_sum=True), "optimi.AdamW(kahan_sum=True)")),
-    "torchao-8bit": Peer("torchao.optim", lambda m, ps, h: (m.AdamW8bit(ps, **h), "torchao.optim.AdamW8bit")),
-    "torchao-bf16-sr": Peer("torchao.optim", lambda m, ps, h: (m._AdamW(ps, **h, bf16_stochastic_round=True),
-                                                               "torchao.optim._AdamW(bf16_stochastic_round=True)")),
-    "bnb-8bit": Peer("bitsandbytes.optim", lambda m, ps, h: (m.AdamW8bit(ps, **h), "bitsandbytes.optim.AdamW8bit")),
-}
+# Peer configurations: name -> the other library's AdamW (benchmarks/step.py's PEER_ADAMW).
+PEERS = {"optimi-bf16": PEER_ADAMW["optimi kahan"], "torchao-8bit": PEER_ADAMW["torchao 8bit"],
+         "torchao-bf16-sr": PEER_ADAMW["torchao bf16 sr"], "bnb-8bit": PEER_ADAMW["bnb 8bit"]}
 
 
 def make_optimizer(config: Config, params: list[torch.nn.Parameter], args: argparse.Namespace) -> tuple[
@@ -168,7 +154,7 @@ def make_optimizer(config: Config, params: list[torch.nn.Parameter], args: argpa
     peer = PEERS.get(config.name)
     if peer is None:
         return loop_optimizer(config, params, args)
-    return peer.build(importlib.import_module(peer.module), params, dict(lr=args.lr, **HYPER))
+    return peer.build(importlib.import_module(peer.module), params, dict(lr=args.lr, **HYPER)), peer.description
 
 
 def library(config: Config) -> str:
@@ -176,12 +162,6 @@ def library(config: Config) -> str:
     if config.name in PEERS:
         return PEERS[config.name].module.split(".")[0]
     return "torch" if config.extra_bits is None else "fusedwarm"
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, as reported for skipped and failed configurations."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def import_error(config: Config) -> str | None:

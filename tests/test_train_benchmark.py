@@ -54,8 +54,10 @@ def test_cpu_run_writes_rows_comparisons_and_table(bench, tmp_path, monkeypatch)
     def needs_cuda(module, params, hyper):
         raise RuntimeError("this kernel runs on CUDA only\nmore detail")
 
-    monkeypatch.setitem(bench.PEERS, "optimi-bf16", bench.Peer("fusedwarm_test_no_such_module", needs_cuda))
-    monkeypatch.setitem(bench.PEERS, "bnb-8bit", bench.Peer("math", needs_cuda))
+    from step import Peer  # benchmarks/ is on the path (the bench fixture)
+
+    monkeypatch.setitem(bench.PEERS, "optimi-bf16", Peer("fusedwarm_test_no_such_module", "absent peer", needs_cuda))
+    monkeypatch.setitem(bench.PEERS, "bnb-8bit", Peer("math", "CUDA-only peer", needs_cuda))
     out = tmp_path / "train_cpu.json"
     assert bench.main([*TINY, "--configs", ",".join([*RAN, "optimi-bf16", "bnb-8bit"]), "--out", str(out)]) == 0
 
