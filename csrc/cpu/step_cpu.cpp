@@ -52,6 +52,25 @@ std::vector<fw::RowCoef> row_coefficients(const typename Rule::Scalars& sc, cons
   return coefs;
 }
 
+// One tensor of a call, as the element loop needs it.
+template <class Rule, class P, class S>
+struct TensorWork {
+  typename Rule::Scalars sc;
+  uint64_t step;
+  uint32_t tensor_id;
+  float grad_scale;
+  int64_t row_size;
+  typename P::storage* w;
+  const typename P::storage* g;
+  typename P::extra_storage* ext;
+  typename S::storage* s0;
+  typename S::storage* s1;
+  std::vector<fw::RowCoef> coefs;  // one per row
+};
+
+// All tensors of a call run in one parallel loop over their concatenated elements, so that
+// threads start and join once per call, not once per tensor, and small tensors (biases, norms)
+// share the threads with large ones instead of running alone.
 template <class Rule, class P, class S, class M>
 void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   using PS = typename P::storage;
@@ -59,47 +78,64 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   constexpr int kS = Rule::kStates;
   const float lr = L.lr_tensor ? L.lr_tensor->data_ptr<float>()[0] : static_cast<float>(L.lr);
   const uint64_t seed = static_cast<uint64_t>(L.seed);
+  const bool control = L.control.mode != fw::kControlNone;
+  std::vector<TensorWork<Rule, P, S>> work;
+  std::vector<size_t> index;   // work[j] is tensor index[j] of the call
+  std::vector<int64_t> start{0};  // work[j] holds elements [start[j], start[j + 1]) of the concatenation
   for (size_t i = 0; i < L.params.size(); ++i) {
     const int64_t n = L.params[i].numel();
     if (n == 0) continue;
     const int64_t step = L.steps[i].data_ptr<int64_t>()[0];
-    const auto sc = Rule::template scalars<fw::Ieee>(h, lr, step);
-    const uint32_t tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);
-    PS* w = static_cast<PS*>(L.params[i].data_ptr());
-    const PS* g = static_cast<const PS*>(L.grads[i].data_ptr());
-    auto* ext = P::K > 0 ? static_cast<typename P::extra_storage*>(L.extras[i].data_ptr()) : nullptr;
-    SS* s0 = kS > 0 ? static_cast<SS*>(L.states[0][i].data_ptr()) : nullptr;
-    SS* s1 = kS > 1 ? static_cast<SS*>(L.states[1][i].data_ptr()) : nullptr;
-    const float grad_scale = L.grad_scales ? L.grad_scales->data_ptr<float>()[i] : 1.0f;
-    const bool control = L.control.mode != fw::kControlNone;
-    const int64_t row_size = control ? n / L.update_rows[i] : n;
-    const std::vector<fw::RowCoef> coefs =
-        control ? row_coefficients<Rule, P, S, M>(sc, L.control, fw::effective_lr(h.schedule, lr, step), grad_scale,
-                                                  n, row_size, w, g, ext, s0, s1)
-                : std::vector<fw::RowCoef>{fw::RowCoef{1.0f, 1.0f}};
-    std::atomic<int64_t> skipped{0};
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    TensorWork<Rule, P, S> t;
+    t.sc = Rule::template scalars<fw::Ieee>(h, lr, step);
+    t.step = static_cast<uint64_t>(step);
+    t.tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);
+    t.grad_scale = L.grad_scales ? L.grad_scales->data_ptr<float>()[i] : 1.0f;
+    t.row_size = control ? n / L.update_rows[i] : n;
+    t.w = static_cast<PS*>(L.params[i].data_ptr());
+    t.g = static_cast<const PS*>(L.grads[i].data_ptr());
+    t.ext = P::K > 0 ? static_cast<typename P::extra_storage*>(L.extras[i].data_ptr()) : nullptr;
+    t.s0 = kS > 0 ? static_cast<SS*>(L.states[0][i].data_ptr()) : nullptr;
+    t.s1 = kS > 1 ? static_cast<SS*>(L.states[1][i].data_ptr()) : nullptr;
+    t.coefs = control ? row_coefficients<Rule, P, S, M>(t.sc, L.control, fw::effective_lr(h.schedule, lr, step),
+                                                        t.grad_scale, n, t.row_size, t.w, t.g, t.ext, t.s0, t.s1)
+                      : std::vector<fw::RowCoef>{fw::RowCoef{1.0f, 1.0f}};
+    work.push_back(std::move(t));
+    index.push_back(i);
+    start.push_back(start.back() + n);
+  }
+  if (work.empty()) return;
+  std::vector<std::atomic<int64_t>> skipped(work.size());
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
+    size_t j = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
+    for (; j < work.size() && start[j] < end; ++j) {
+      const TensorWork<Rule, P, S>& t = work[j];
+      const int64_t first = std::max(begin, start[j]) - start[j];
+      const int64_t last = std::min(end, start[j + 1]) - start[j];
       int64_t k = 0;
-      uint32_t block = fw::random_block(static_cast<uint64_t>(begin));
-      uint32_t key = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
+      uint32_t block = fw::random_block(static_cast<uint64_t>(first));
+      uint32_t key = fw::stream_key(seed, t.tensor_id, t.step, block);
       // Each piece lies in one row, taking its coefficients, and in one block of the random stream.
-      for (int64_t b = begin; b < end;) {
-        const uint32_t piece_block = fw::random_block(static_cast<uint64_t>(b));
-        if (piece_block != block) {
-          block = piece_block;
-          key = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
+      for (int64_t b = first; b < last;) {
+        if (fw::random_block(static_cast<uint64_t>(b)) != block) {
+          block = fw::random_block(static_cast<uint64_t>(b));
+          key = fw::stream_key(seed, t.tensor_id, t.step, block);
         }
-        const int64_t row = b / row_size;
-        const int64_t e = std::min({end, (row + 1) * row_size, (int64_t{block} + 1) << fw::kRandomBlockBits});
-        const fw::RowCoef c = coefs[row];
-        k += c.unit() ? run_chunk<Rule, P, S, M>(sc, key, grad_scale, fw::Uncontrolled{}, b, e, w, g, ext, s0, s1)
-                      : run_chunk<Rule, P, S, M>(sc, key, grad_scale, fw::Blended{c.alpha, c.beta}, b, e, w, g, ext,
-                                                 s0, s1);
+        const int64_t row = b / t.row_size;
+        const int64_t e = std::min({last, (row + 1) * t.row_size, (int64_t{block} + 1) << fw::kRandomBlockBits});
+        const fw::RowCoef c = t.coefs[row];
+        k += c.unit() ? run_chunk<Rule, P, S, M>(t.sc, key, t.grad_scale, fw::Uncontrolled{}, b, e, t.w, t.g, t.ext,
+                                                 t.s0, t.s1)
+                      : run_chunk<Rule, P, S, M>(t.sc, key, t.grad_scale, fw::Blended{c.alpha, c.beta}, b, e, t.w,
+                                                 t.g, t.ext, t.s0, t.s1);
         b = e;
       }
-      if (k != 0) skipped.fetch_add(k, std::memory_order_relaxed);
-    });
-    if (L.nonfinite) L.nonfinite->data_ptr<int64_t>()[i] += skipped.load();
+      if (k != 0) skipped[j].fetch_add(k, std::memory_order_relaxed);
+    }
+  });
+  if (L.nonfinite) {
+    int64_t* counts = L.nonfinite->data_ptr<int64_t>();
+    for (size_t j = 0; j < work.size(); ++j) counts[index[j]] += skipped[j].load();
   }
 }
 

@@ -105,8 +105,8 @@ struct SlotUpdate {
     if constexpr (kStates > 0) s0 = state0[k];
     if constexpr (kStates > 1) s1 = state1[k];
     const fw::RowCoef c = coef(k);
-    const bool ok = fw::update_element<Rule, P, S, M>(scalars, key, static_cast<uint64_t>(k), param[k], e, grad[k],
-                                                   grad_scale, s0, s1, c);
+    const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(k));
+    const bool ok = fw::update_element<Rule, P, S, M>(scalars, counter, param[k], e, grad[k], grad_scale, s0, s1, c);
     if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
     if constexpr (kStates > 0) state0[k] = s0;
     if constexpr (kStates > 1) state1[k] = s1;
@@ -130,8 +130,9 @@ struct SlotUpdate {
       int32_t e = 0;
       if constexpr (kExtra) e = x.v[i];
       const fw::RowCoef c = coef(k0 + i);
-      const bool ok = fw::update_element<Rule, P, S, M>(scalars, key, static_cast<uint64_t>(k0 + i), w.v[i], e, g.v[i],
-                                                     grad_scale, s0.v[i], s1.v[i], c);
+      const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(k0 + i));
+      const bool ok = fw::update_element<Rule, P, S, M>(scalars, counter, w.v[i], e, g.v[i], grad_scale, s0.v[i],
+                                                     s1.v[i], c);
       if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
       skipped += ok ? 0 : 1;
     }

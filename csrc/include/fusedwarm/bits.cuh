@@ -51,7 +51,8 @@ using F16Format = HalfFormat<5, 10>;
 template <int N>
 FW_HD uint32_t round_pattern_sr(uint32_t b, uint32_t rnd) {
   constexpr int kDrop = 23 - N;
-  const uint32_t c = (b & 0x7FFFFFFFu) > 0x7F800000u ? (b & 0x80000000u) | 0x7FC00000u : b;
+  const float f = bits_float(b);  // NaN tested as a float: one vector compare
+  const uint32_t c = f != f ? (b & 0x80000000u) | 0x7FC00000u : b;
   return kDrop == 0 ? c : (c + (rnd >> ((32 - kDrop) & 31))) >> kDrop;
 }
 

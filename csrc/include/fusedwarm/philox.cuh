@@ -63,15 +63,20 @@ FW_HD uint32_t lowbias32(uint32_t x) {
   return x;
 }
 
-// The random words of one element: word j (j < kWords <= 4) is lowbias32 of the block's `key`
-// plus the counter j 2^30 + offset, so every word of every element of a block hashes a distinct
-// counter. Words past kWords are 0 and cost nothing. Only 32-bit arithmetic: 16 lanes per
-// 512-bit vector on the CPU.
+// The random counter of element `index` of a tensor: the key of its block plus its offset in the
+// block (modulo 2^32). Consecutive elements of a block have consecutive counters, so a loop over a
+// block adds its position to the counter of its first element.
+FW_HD uint32_t element_counter(uint32_t key, uint64_t index) {
+  return key + (static_cast<uint32_t>(index) & ((1u << kRandomBlockBits) - 1u));
+}
+
+// The random words of the element with counter `c` (element_counter): word j (j < kWords <= 4)
+// is lowbias32(c + j 2^30), so every word of every element of a block hashes a distinct value.
+// Words past kWords are 0 and cost nothing. Only 32-bit arithmetic: 16 lanes per 512-bit vector
+// on the CPU.
 template <int kWords>
-FW_HD U32x4 element_random(uint32_t key, uint64_t index) {
+FW_HD U32x4 element_random(uint32_t c) {
   static_assert(kWords <= 4, "at most four words per element");
-  const uint32_t offset = static_cast<uint32_t>(index) & ((1u << kRandomBlockBits) - 1u);
-  const uint32_t c = key + offset;
   return U32x4{kWords > 0 ? lowbias32(c) : 0u, kWords > 1 ? lowbias32(c + (1u << kRandomBlockBits)) : 0u,
                kWords > 2 ? lowbias32(c + (2u << kRandomBlockBits)) : 0u,
                kWords > 3 ? lowbias32(c + (3u << kRandomBlockBits)) : 0u};

@@ -283,9 +283,10 @@ struct RowCoef {
 // gradient is multiplied by `grad_scale` first (1 when the caller scales nothing; a loss scale's
 // inverse, a clipping coefficient). An element whose scaled gradient is not finite is left
 // untouched (weight, extra bits and states), so a single overflow never corrupts a weight; the
-// return value is true when the element was updated, for the backends to count skips. `key` is
-// stream_key(seed, tensor, step, random_block(index)) (philox.cuh); the element's random words
-// round the master (if lossy) and then the states (see below).
+// return value is true when the element was updated, for the backends to count skips. `counter`
+// is the element's random counter, element_counter(stream_key(seed, tensor, step,
+// random_block(index)), index) (philox.cuh); the element's random words round the master (if
+// lossy) and then the states (see below).
 // Everything is computed unconditionally and selected at the end (no early return, no arrays),
 // so that the CPU loop vectorizes.
 //
@@ -293,7 +294,7 @@ struct RowCoef {
 // below): the new master is alpha p0 + beta (p1 - p0) for the rule's p0 -> p1, and exactly p1
 // when both are 1 (no control).
 template <class Rule, class P, class S, class M = Ieee, class C = Uncontrolled>
-FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t key, uint64_t index, typename P::storage& w,
+FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t counter, typename P::storage& w,
                           int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
                           typename S::storage& s1, const C& coef = C{}) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
@@ -312,7 +313,7 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t key, uint64
   constexpr int kWeightWords = P::kLossy ? 1 : 0;
   constexpr int kWords = kWeightWords + (S::kLossy && Rule::kStates > 0 ? 1 : 0);
   U32x4 r{0u, 0u, 0u, 0u};
-  if (kWords > 0) r = element_random<kWords>(key, index);
+  if (kWords > 0) r = element_random<kWords>(counter);
   const uint32_t state_word = kWeightWords > 0 ? r.y : r.x;
   typename P::storage w_new;
   int32_t e_new;
