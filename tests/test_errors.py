@@ -167,6 +167,25 @@ def test_extra_bits_changed_after_first_step(name):
     assert_unchanged(before, snapshot(opt))
 
 
+@opt_names
+@pytest.mark.parametrize("change", ["dtype", "shape"])
+def test_state_tensor_replaced_after_steps(name, change):
+    """step() remembers the states it has checked; a tensor replaced since is checked again."""
+    opt, params = two_group_opt(name)
+    key = "momentum_buffer" if name == "SGD" else "exp_avg"
+    state = opt.state[params[2]]
+    if change == "dtype":
+        state[key] = state[key].half()
+    else:
+        state[key] = torch.randn(4, 3).to(state[key].dtype)
+    before = snapshot(opt)
+    expected = {"dtype": rf"state '{key}' is torch.float16, shape \(3, 4\)",
+                "shape": rf"state '{key}' is torch.\w+, shape \(4, 3\)"}[change]
+    with pytest.raises(RuntimeError, match=LABEL + ": " + expected):
+        opt.step()
+    assert_unchanged(before, snapshot(opt))
+
+
 # ---- bad parameters ------------------------------------------------------------------------------
 
 
