@@ -2,7 +2,8 @@
 
 import platform
 
-CPU_SOURCES = ("ops.cpp", "cpu/step_cpu.cpp", "cpu/pam_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "cpu/step_cpu_adamw.cpp", "cpu/step_cpu_sgd.cpp", "cpu/step_cpu_lion.cpp",
+               "cpu/pam_cpu.cpp")
 CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/step_kernels.cu", "cuda/pam_cuda.cpp", "cuda/pam_kernels.cu")
 HEADER_SUFFIXES = (".h", ".cuh")
 

@@ -109,6 +109,49 @@ def test_grad_scales_multiply_the_gradient_and_nonfinite_counts_skips(ops, case)
 
 
 @cases
+def test_nonfinite_gradients_in_some_spans(ops, case):
+    """The CPU loop scans the gradients of each span of 1024 elements first and updates a span
+    whose scaled gradients are all finite without testing each element; in a span with a
+    non-finite one, those elements are put back afterwards. Over three tensors of 3000 elements
+    (non-finite gradients in the middle span only; gradients that overflow only once scaled, in
+    the first and last span; none), every element equals its update in a twin whose bad gradients
+    are finite, except the bad ones, which keep their storage, and nonfinite counts exactly them."""
+    dtype, extra_bits, state_dtype = CASES[case]
+    gen = torch.Generator().manual_seed(9)
+    n = 3000
+    params = [torch.randn(n, generator=gen).to(dtype) for _ in range(3)]
+    grads = [torch.randn(n, generator=gen) for _ in range(3)]
+    extras = ([torch.randint(-2**15, 2**15, (n,), generator=gen).to(torch.int16) for _ in range(3)]
+              if extra_bits else [])
+    states = [[torch.randn(n, generator=gen).to(state_dtype) for _ in range(3)],
+              [(torch.rand(n, generator=gen) + 0.1).to(state_dtype) for _ in range(3)]]
+    steps = [torch.tensor(5) for _ in range(3)]
+    scales = torch.tensor([1.0, 2.0**100, 0.5])
+    bad = [torch.tensor([1100, 1500, 2047]), torch.tensor([3, 1023, 2048, 2999]), torch.tensor([], dtype=torch.long)]
+    twin_grads = [g.clone().to(dtype) for g in grads]
+    grads[0][bad[0]] = torch.tensor([float("inf"), float("nan"), float("-inf")])
+    grads[1][bad[1]] = 2.0**30  # finite, but 2^130 once scaled
+    grads = [g.to(dtype) for g in grads]
+    twin = copy.deepcopy((params, extras, states))
+    before = copy.deepcopy((params, extras, states))
+    counts = torch.zeros(3, dtype=torch.int64)
+    hyper = (0.9, 0.99, 1e-8, 0.1, False)
+    ops.adamw_(params, grads, extras, states[0], states[1], steps, [0, 1, 2], None, 3e-2, extra_bits, 1234, *hyper,
+               grad_scales=scales, nonfinite=counts)
+    ops.adamw_(twin[0], twin_grads, twin[1], twin[2][0], twin[2][1], copy.deepcopy(steps), [0, 1, 2], None, 3e-2,
+               extra_bits, 1234, *hyper, grad_scales=scales, nonfinite=torch.zeros(3, dtype=torch.int64))
+    assert counts.tolist() == [len(b) for b in bad]
+    for lists in ((params, twin[0], before[0]), (extras, twin[1], before[1]), (states[0], twin[2][0], before[2][0]),
+                  (states[1], twin[2][1], before[2][1])):
+        for t, (got, want, old) in enumerate(zip(*lists)):
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[bad[t]] = True
+            assert torch.equal(bits(got)[keep], bits(old)[keep]), f"tensor {t}: a skipped element changed"
+            assert torch.equal(bits(got)[~keep], bits(want)[~keep]), f"tensor {t}: an updated element differs"
+            assert not torch.equal(bits(got)[~keep], bits(old)[~keep]), f"tensor {t}: nothing was updated"
+
+
+@cases
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, True)], ids=["no_momentum", "nesterov"])
 def test_opcheck_sgd(ops, case, momentum, nesterov):
     dtype, extra_bits, state_dtype = CASES[case]

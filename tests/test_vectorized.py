@@ -1,9 +1,9 @@
 """The CPU element loop must stay vectorized: it is what makes the CPU backend fast, and a
 harmless-looking edit of the math header (an early return, a select the vectorizer does not
 support, a possible alias) silently turns it scalar and several times slower. Each case compiles
-csrc/cpu/chunk.h's loop for one (rule, weight, state) combination and one kind of update-size
-coefficients with the build's flags, and asserts GCC reports the loop vectorized and no copy of
-it left scalar: a loop-invariant select once let GCC unswitch the loop and keep the common copy
+csrc/cpu/chunk.h's loops (the element loop and the gradient scan before it) for one (rule,
+weight, state) combination and one kind of update-size coefficients with the build's flags, and
+asserts GCC reports each loop vectorized and no copy of it left scalar: a loop-invariant select once let GCC unswitch the loop and keep the common copy
 scalar while the other was vectorized (2.6x slower, unseen by a check for "vectorized" alone)."""
 
 from __future__ import annotations
@@ -54,12 +54,22 @@ template int64_t fusedwarm::run_chunk<R, P, S, {arith}, C>(R::Scalars, uint32_t,
                                                            S::storage*, S::storage*);
 """
 COEFS = ("fw::Uncontrolled", "fw::Blended")
-# The lines of the element loop in chunk.h, from its "#pragma omp simd" to the end of the
-# function: GCC reports a loop by a line in it, and the prefetch and block loops around the
-# element loop are not meant to vectorize.
-_CHUNK = (CSRC / "cpu" / "chunk.h").read_text().splitlines()
-LOOP_LINES = range(next(i for i, line in enumerate(_CHUNK, 1) if "#pragma omp simd" in line),
-                   next(i for i, line in enumerate(_CHUNK, 1) if "return skipped;" in line))
+
+
+def simd_loops(lines: list[str]) -> list[range]:
+    """The line ranges (1-based) of the loops under "#pragma omp simd" in chunk.h: the span's
+    gradient scan and the element loop. GCC reports a loop by a line in it; the loops around them
+    (spans, prefetch blocks) and the rare-path copies are not meant to vectorize."""
+    loops = []
+    for i, line in enumerate(lines):
+        if line.strip().startswith("#pragma omp simd"):
+            indent = len(lines[i + 1]) - len(lines[i + 1].lstrip())
+            close = next(k for k in range(i + 2, len(lines)) if lines[k].startswith(" " * indent + "}"))
+            loops.append(range(i + 1, close + 2))
+    return loops
+
+
+SIMD_LOOPS = simd_loops((CSRC / "cpu" / "chunk.h").read_text().splitlines())
 
 
 @pytest.mark.skipif(CXX is None or platform.machine() != "x86_64", reason="checks GCC's vectorizer on x86-64")
@@ -76,10 +86,12 @@ def test_element_loop_vectorizes(tmp_path, rule, param, state, arith, coef):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    loop = [line for line in result.stderr.splitlines()
-            if (m := re.search(r"chunk\.h:(\d+):", line)) and int(m.group(1)) in LOOP_LINES]
+    assert len(SIMD_LOOPS) == 2, SIMD_LOOPS
     what = f"run_chunk<{rule}, {param}, {state}, {arith}, {coef}>"
-    assert any("loop vectorized" in line for line in loop), f"the element loop of {what} is not vectorized:\n" + \
-        "\n".join(loop)
-    scalar = [line for line in loop if "couldn't vectorize loop" in line or "not vectorized" in line]
-    assert not scalar, f"a copy of the element loop of {what} stays scalar:\n" + "\n".join(scalar)
+    for lines, name in zip(SIMD_LOOPS, ("gradient scan", "element loop")):
+        loop = [line for line in result.stderr.splitlines()
+                if (m := re.search(r"chunk\.h:(\d+):", line)) and int(m.group(1)) in lines]
+        assert any("loop vectorized" in line for line in loop), \
+            f"the {name} of {what} is not vectorized:\n" + "\n".join(loop)
+        scalar = [line for line in loop if "couldn't vectorize loop" in line or "not vectorized" in line]
+        assert not scalar, f"a copy of the {name} of {what} stays scalar:\n" + "\n".join(scalar)

@@ -15,6 +15,15 @@ namespace fusedwarm {
 constexpr int64_t kPrefetchBlock = 128;
 constexpr int64_t kPrefetchAhead = 1024;
 
+// The gradients of a span of kScanSpan elements are scanned before the span is updated: when
+// every scaled gradient in it is finite (fw::scaled_grads_finite on the largest magnitude), its
+// elements are updated without a per-element finiteness test, select and skip count: x16 bf16
+// AdamW went from 0.46 to 0.44 ns/element (two threads, 16.7M elements; the loop alone is 7%
+// faster, the scan costs 2%). A span with a non-finite gradient (an overflow, a loss-scale probe)
+// is copied first, and the elements whose gradient is not finite are put back afterwards, as
+// update_element leaves them.
+constexpr int64_t kScanSpan = 1024;
+
 // Prefetches the cache lines of p[0 .. count) (for writing when `write`).
 template <class T>
 inline void prefetch(const T* p, int64_t count, bool write) {
@@ -28,6 +37,20 @@ inline void prefetch(const T* p, int64_t count, bool write) {
   }
 }
 
+// Up to kScanSpan elements' storage, kept while a span with a non-finite gradient is updated.
+template <class P, class S>
+struct SpanCopy {
+  typename P::storage w[kScanSpan];
+  typename P::extra_storage ext[kScanSpan];
+  typename S::storage s0[kScanSpan];
+  typename S::storage s1[kScanSpan];
+};
+
+template <class T>
+inline void copy_span(T* __restrict dst, const T* __restrict src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
+}
+
 // The element loop of one chunk; returns the number of elements skipped for a non-finite
 // gradient. Everything arrives by value and the arrays are __restrict, so the compiler knows the
 // stores (an int8 extra-bits store may alias anything) cannot change the scalars or pointers, and
@@ -35,9 +58,8 @@ inline void prefetch(const T* p, int64_t count, bool write) {
 // control's coefficients of the row that holds [begin, end): fw::Uncontrolled without control or
 // for a row whose coefficients are (1, 1), fw::Blended otherwise, never a runtime choice between
 // the two (update.cuh says why). [begin, end) lies in one block of the random stream, whose key
-// is `key` (philox.cuh, stream_key). The vector loop counts in 32 bits (its position in a block of
-// kPrefetchBlock elements, the random counter, the skips): 64-bit index lanes cost a fifth more
-// vector operations per element.
+// is `key` (philox.cuh, stream_key). The vector loops count in 32 bits (positions in a span, the
+// random counter): 64-bit index lanes cost a fifth more vector operations per element.
 template <class Rule, class P, class S, class M = fw::Ieee, class C = fw::Uncontrolled>
 int64_t run_chunk(const typename Rule::Scalars sc, const uint32_t key, const float grad_scale, const C coef,
                   int64_t begin, int64_t end, typename P::storage* __restrict w,
@@ -45,34 +67,66 @@ int64_t run_chunk(const typename Rule::Scalars sc, const uint32_t key, const flo
                   typename S::storage* __restrict s0, typename S::storage* __restrict s1) {
   constexpr int kS = Rule::kStates;
   typename S::storage unused{};
+  SpanCopy<P, S> saved;
   int64_t skipped = 0;
-  for (int64_t b0 = begin; b0 < end; b0 += kPrefetchBlock) {
-    const int32_t len = static_cast<int32_t>(b0 + kPrefetchBlock < end ? kPrefetchBlock : end - b0);
-    const int64_t ahead = b0 + kPrefetchAhead;
-    if (ahead + kPrefetchBlock <= end) {
-      prefetch(w + ahead, kPrefetchBlock, true);
-      prefetch(g + ahead, kPrefetchBlock, false);
-      if (P::K > 0) prefetch(ext + ahead, kPrefetchBlock, true);
-      if (kS > 0) prefetch(s0 + ahead, kPrefetchBlock, true);
-      if (kS > 1) prefetch(s1 + ahead, kPrefetchBlock, true);
+  for (int64_t span = begin; span < end; span += kScanSpan) {
+    const int64_t span_end = span + kScanSpan < end ? span + kScanSpan : end;
+    const int32_t span_len = static_cast<int32_t>(span_end - span);
+    const typename P::storage* __restrict gs = g + span;
+    typename P::magnitude_type largest = 0;
+#pragma omp simd reduction(max : largest)
+    for (int32_t j = 0; j < span_len; ++j) {
+      const typename P::magnitude_type m = P::magnitude(gs[j]);
+      largest = m > largest ? m : largest;
     }
-    typename P::storage* __restrict wb = w + b0;
-    const typename P::storage* __restrict gb = g + b0;
-    typename P::extra_storage* __restrict eb = P::K > 0 ? ext + b0 : ext;
-    typename S::storage* __restrict s0b = kS > 0 ? s0 + b0 : s0;
-    typename S::storage* __restrict s1b = kS > 1 ? s1 + b0 : s1;
-    const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(b0));
-    int32_t block_skipped = 0;
+    const bool finite = fw::scaled_grads_finite<P, M>(largest, grad_scale);
+    if (!finite) {
+      copy_span(saved.w, w + span, span_len);
+      if (P::K > 0) copy_span(saved.ext, ext + span, span_len);
+      if (kS > 0) copy_span(saved.s0, s0 + span, span_len);
+      if (kS > 1) copy_span(saved.s1, s1 + span, span_len);
+    }
+    for (int64_t b0 = span; b0 < span_end; b0 += kPrefetchBlock) {
+      const int32_t len = static_cast<int32_t>(b0 + kPrefetchBlock < span_end ? kPrefetchBlock : span_end - b0);
+      const int64_t ahead = b0 + kPrefetchAhead;
+      if (ahead + kPrefetchBlock <= end) {
+        prefetch(w + ahead, kPrefetchBlock, true);
+        prefetch(g + ahead, kPrefetchBlock, false);
+        if (P::K > 0) prefetch(ext + ahead, kPrefetchBlock, true);
+        if (kS > 0) prefetch(s0 + ahead, kPrefetchBlock, true);
+        if (kS > 1) prefetch(s1 + ahead, kPrefetchBlock, true);
+      }
+      typename P::storage* __restrict wb = w + b0;
+      const typename P::storage* __restrict gb = g + b0;
+      typename P::extra_storage* __restrict eb = P::K > 0 ? ext + b0 : ext;
+      typename S::storage* __restrict s0b = kS > 0 ? s0 + b0 : s0;
+      typename S::storage* __restrict s1b = kS > 1 ? s1 + b0 : s1;
+      const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(b0));
+      // update_element<..., kFinite = true> reports every element updated, so this count stays 0;
+      // it is kept because GCC 12 compiles the loop with a reduction into half the code, three to
+      // four times faster (all rules in one file: 8 minutes without it, under 4 with it).
+      int32_t block_skipped = 0;
 #pragma omp simd reduction(+ : block_skipped)
-    for (int32_t j = 0; j < len; ++j) {
-      int32_t e = P::K > 0 ? static_cast<int32_t>(eb[j]) : 0;
-      const bool ok = fw::update_element<Rule, P, S, M>(sc, counter + static_cast<uint32_t>(j), wb[j], e, gb[j],
-                                                        grad_scale, kS > 0 ? s0b[j] : unused,
-                                                        kS > 1 ? s1b[j] : unused, coef);
-      if (P::K > 0) eb[j] = static_cast<typename P::extra_storage>(e);
-      block_skipped += ok ? 0 : 1;
+      for (int32_t j = 0; j < len; ++j) {
+        int32_t e = P::K > 0 ? static_cast<int32_t>(eb[j]) : 0;
+        const bool ok = fw::update_element<Rule, P, S, M, C, true>(
+            sc, counter + static_cast<uint32_t>(j), wb[j], e, gb[j], grad_scale, kS > 0 ? s0b[j] : unused,
+            kS > 1 ? s1b[j] : unused, coef);
+        if (P::K > 0) eb[j] = static_cast<typename P::extra_storage>(e);
+        block_skipped += ok ? 0 : 1;
+      }
+      skipped += block_skipped;
     }
-    skipped += block_skipped;
+    if (!finite) {
+      for (int32_t j = 0; j < span_len; ++j) {
+        if (fw::is_finite(fw::scaled_grad<P, M>(gs[j], grad_scale))) continue;
+        w[span + j] = saved.w[j];
+        if (P::K > 0) ext[span + j] = saved.ext[j];
+        if (kS > 0) s0[span + j] = saved.s0[j];
+        if (kS > 1) s1[span + j] = saved.s1[j];
+        ++skipped;
+      }
+    }
   }
   return skipped;
 }

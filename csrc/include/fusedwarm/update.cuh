@@ -27,12 +27,16 @@ struct ExtraStorage<16> {
 struct ParamF32 {
   using storage = float;
   using extra_storage = ExtraStorage<0>::type;
+  using magnitude_type = uint32_t;
   static constexpr int K = 0;
   static constexpr bool kLossy = false;
   template <class M>
   static FW_HD float grad(float g) {
     return g;
   }
+  // |g| as an unsigned integer, ordered as the value (infinity and NaNs above every finite value).
+  static FW_HD uint32_t magnitude(float g) { return float_bits(g) & 0x7FFFFFFFu; }
+  static FW_HD float from_magnitude(uint32_t m) { return bits_float(m); }
   template <class M>
   static FW_HD float load(float w, int32_t) {
     return w;
@@ -45,6 +49,7 @@ template <class F, int K_>
 struct ParamHalf {
   using storage = uint16_t;
   using extra_storage = typename ExtraStorage<K_>::type;
+  using magnitude_type = uint16_t;
   using Codec = MasterCodec<F, K_>;
   static constexpr int K = K_;
   static constexpr bool kLossy = Codec::kLossy;
@@ -53,6 +58,8 @@ struct ParamHalf {
   static FW_HD float grad(uint16_t g) {
     return half_bits_to_float<F, M>(g);
   }
+  static FW_HD uint16_t magnitude(uint16_t g) { return static_cast<uint16_t>(g & 0x7FFFu); }
+  static FW_HD uint16_t from_magnitude(uint16_t m) { return m; }
   template <class M>
   static FW_HD float load(uint16_t w, int32_t e) {
     return Codec::template decode<M>(w, e);
@@ -278,12 +285,32 @@ struct RowCoef {
 };
 
 
+// The gradient as the update sees it: its stored value times `grad_scale`.
+template <class P, class M>
+FW_HD float scaled_grad(typename P::storage g, float grad_scale) {
+  return M::mul(P::template grad<M>(g), grad_scale);
+}
+
+// Whether every gradient whose magnitude (P::magnitude) is at most `max_magnitude` stays finite
+// once scaled: the scaled magnitude never decreases as the magnitude grows (IEEE and PAM products
+// are monotone in each operand and symmetric in sign), and the magnitudes above the largest
+// finite value are infinity and the NaNs. One test for a span of gradients lets the CPU backend
+// run update_element<..., kFinite = true> on the whole span.
+template <class P, class M>
+FW_HD bool scaled_grads_finite(typename P::magnitude_type max_magnitude, float grad_scale) {
+  const float scale_magnitude = bits_float(float_bits(grad_scale) & 0x7FFFFFFFu);
+  return is_finite(scaled_grad<P, M>(P::from_magnitude(max_magnitude), scale_magnitude));
+}
+
 // Updates one element in place. `e` is the extra-bits value (ignored for ParamF32 and K = 0),
 // `s0`, `s1` the rule's raw states (those past Rule::kStates are ignored; at most 2). The
 // gradient is multiplied by `grad_scale` first (1 when the caller scales nothing; a loss scale's
 // inverse, a clipping coefficient). An element whose scaled gradient is not finite is left
 // untouched (weight, extra bits and states), so a single overflow never corrupts a weight; the
-// return value is true when the element was updated, for the backends to count skips. `counter`
+// return value is true when the element was updated, for the backends to count skips. With
+// kFinite the caller has established that the scaled gradient is finite (scaled_grads_finite)
+// and the element is always written (a backend that is wrong about it must restore the element
+// itself). `counter`
 // is the element's random counter, element_counter(stream_key(seed, tensor, step,
 // random_block(index)), index) (philox.cuh); the element's random words round the master (if
 // lossy) and then the states (see below).
@@ -293,13 +320,13 @@ struct RowCoef {
 // `coef` carries the update-size control's coefficients of the element's row (see RowCoef
 // below): the new master is alpha p0 + beta (p1 - p0) for the rule's p0 -> p1, and exactly p1
 // when both are 1 (no control).
-template <class Rule, class P, class S, class M = Ieee, class C = Uncontrolled>
+template <class Rule, class P, class S, class M = Ieee, class C = Uncontrolled, bool kFinite = false>
 FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t counter, typename P::storage& w,
                           int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
                           typename S::storage& s1, const C& coef = C{}) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
-  const float gf = M::mul(P::template grad<M>(g), grad_scale);
-  const bool ok = is_finite(gf);
+  const float gf = scaled_grad<P, M>(g, grad_scale);
+  const bool ok = kFinite || is_finite(gf);
   const float p0 = P::template load<M>(w, e);
   float p = p0;
   float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
@@ -366,7 +393,7 @@ struct NormSums {
 template <class Rule, class P, class S, class M = Ieee>
 FW_HD void element_delta(const typename Rule::Scalars& sc, typename P::storage w, int32_t e, typename P::storage g,
                          float grad_scale, typename S::storage s0, typename S::storage s1, float& p0, float& u) {
-  const float gf = M::mul(P::template grad<M>(g), grad_scale);
+  const float gf = scaled_grad<P, M>(g, grad_scale);
   const bool ok = is_finite(gf);
   p0 = P::template load<M>(w, e);
   float p = p0;

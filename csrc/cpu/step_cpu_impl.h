@@ -1,5 +1,7 @@
 // CPU backend: loops over tensors and, in parallel, over elements; all math is in
-// include/fusedwarm/update.cuh.
+// include/fusedwarm/update.cuh. Included by one source file per rule (step_cpu_<rule>.cpp), so
+// that the build compiles the rules' element loops in parallel.
+#pragma once
 #include "step_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -150,10 +152,5 @@ void CpuBackend::run(const StepLists& L, const typename Rule::Hyper& h) {
     });
   });
 }
-
-template void CpuBackend::run<fw::AdamW>(const StepLists&, const fw::AdamW::Hyper&);
-template void CpuBackend::run<fw::SGD>(const StepLists&, const fw::SGD::Hyper&);
-template void CpuBackend::run<fw::SGDMomentum>(const StepLists&, const fw::SGDMomentum::Hyper&);
-template void CpuBackend::run<fw::Lion>(const StepLists&, const fw::Lion::Hyper&);
 
 }  // namespace fusedwarm
