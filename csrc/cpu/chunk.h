@@ -1,6 +1,8 @@
 // The CPU element loop, torch-free so that tests/test_vectorized.py can compile it on its own
 // and check that the compiler vectorizes it.
 #pragma once
+#include <algorithm>
+
 #include "fusedwarm/update.cuh"
 
 namespace fusedwarm {
@@ -46,11 +48,6 @@ struct SpanCopy {
   typename S::storage s1[kScanSpan];
 };
 
-template <class T>
-inline void copy_span(T* __restrict dst, const T* __restrict src, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
-}
-
 // The element loop of one chunk; returns the number of elements skipped for a non-finite
 // gradient. Everything arrives by value and the arrays are __restrict, so the compiler knows the
 // stores (an int8 extra-bits store may alias anything) cannot change the scalars or pointers, and
@@ -81,10 +78,10 @@ int64_t run_chunk(const typename Rule::Scalars sc, const uint32_t key, const flo
     }
     const bool finite = fw::scaled_grads_finite<P, M>(largest, grad_scale);
     if (!finite) {
-      copy_span(saved.w, w + span, span_len);
-      if (P::K > 0) copy_span(saved.ext, ext + span, span_len);
-      if (kS > 0) copy_span(saved.s0, s0 + span, span_len);
-      if (kS > 1) copy_span(saved.s1, s1 + span, span_len);
+      std::copy_n(w + span, span_len, saved.w);
+      if (P::K > 0) std::copy_n(ext + span, span_len, saved.ext);
+      if (kS > 0) std::copy_n(s0 + span, span_len, saved.s0);
+      if (kS > 1) std::copy_n(s1 + span, span_len, saved.s1);
     }
     for (int64_t b0 = span; b0 < span_end; b0 += kPrefetchBlock) {
       const int32_t len = static_cast<int32_t>(b0 + kPrefetchBlock < span_end ? kPrefetchBlock : span_end - b0);

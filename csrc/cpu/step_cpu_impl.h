@@ -57,6 +57,7 @@ std::vector<fw::RowCoef> row_coefficients(const typename Rule::Scalars& sc, cons
 // One tensor of a call, as the element loop needs it.
 template <class Rule, class P, class S>
 struct TensorWork {
+  size_t tensor;  // its index in the call's lists
   typename Rule::Scalars sc;
   uint64_t step;
   uint32_t tensor_id;
@@ -82,13 +83,13 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   const uint64_t seed = static_cast<uint64_t>(L.seed);
   const bool control = L.control.mode != fw::kControlNone;
   std::vector<TensorWork<Rule, P, S>> work;
-  std::vector<size_t> index;   // work[j] is tensor index[j] of the call
   std::vector<int64_t> start{0};  // work[j] holds elements [start[j], start[j + 1]) of the concatenation
   for (size_t i = 0; i < L.params.size(); ++i) {
     const int64_t n = L.params[i].numel();
     if (n == 0) continue;
     const int64_t step = L.steps[i].data_ptr<int64_t>()[0];
     TensorWork<Rule, P, S> t;
+    t.tensor = i;
     t.sc = Rule::template scalars<fw::Ieee>(h, lr, step);
     t.step = static_cast<uint64_t>(step);
     t.tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);
@@ -103,7 +104,6 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
                                                         t.grad_scale, n, t.row_size, t.w, t.g, t.ext, t.s0, t.s1)
                       : std::vector<fw::RowCoef>{fw::RowCoef{1.0f, 1.0f}};
     work.push_back(std::move(t));
-    index.push_back(i);
     start.push_back(start.back() + n);
   }
   if (work.empty()) return;
@@ -119,8 +119,9 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
       uint32_t key = fw::stream_key(seed, t.tensor_id, t.step, block);
       // Each piece lies in one row, taking its coefficients, and in one block of the random stream.
       for (int64_t b = first; b < last;) {
-        if (fw::random_block(static_cast<uint64_t>(b)) != block) {
-          block = fw::random_block(static_cast<uint64_t>(b));
+        const uint32_t piece_block = fw::random_block(static_cast<uint64_t>(b));
+        if (piece_block != block) {
+          block = piece_block;
           key = fw::stream_key(seed, t.tensor_id, t.step, block);
         }
         const int64_t row = b / t.row_size;
@@ -137,7 +138,7 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
   });
   if (L.nonfinite) {
     int64_t* counts = L.nonfinite->data_ptr<int64_t>();
-    for (size_t j = 0; j < work.size(); ++j) counts[index[j]] += skipped[j].load();
+    for (size_t j = 0; j < work.size(); ++j) counts[work[j].tensor] += skipped[j].load();
   }
 }
 

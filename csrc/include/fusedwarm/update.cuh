@@ -284,7 +284,6 @@ struct RowCoef {
   }
 };
 
-
 // The gradient as the update sees it: its stored value times `grad_scale`.
 template <class P, class M>
 FW_HD float scaled_grad(typename P::storage g, float grad_scale) {
@@ -310,10 +309,9 @@ FW_HD bool scaled_grads_finite(typename P::magnitude_type max_magnitude, float g
 // return value is true when the element was updated, for the backends to count skips. With
 // kFinite the caller has established that the scaled gradient is finite (scaled_grads_finite)
 // and the element is always written (a backend that is wrong about it must restore the element
-// itself). `counter`
-// is the element's random counter, element_counter(stream_key(seed, tensor, step,
-// random_block(index)), index) (philox.cuh); the element's random words round the master (if
-// lossy) and then the states (see below).
+// itself). `counter` is the element's random counter, element_counter(stream_key(seed, tensor,
+// step, random_block(index)), index) (philox.cuh); the element's random words round the master
+// (if lossy) and then the states (see below).
 // Everything is computed unconditionally and selected at the end (no early return, no arrays),
 // so that the CPU loop vectorizes.
 //
