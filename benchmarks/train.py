@@ -1,7 +1,7 @@
 """Training benchmark: peak memory, tokens per second and loss of AdamW implementations training a
 byte-level GPT, from torch's mixed-precision baseline to fusedwarm's bf16-only modes (issue 6).
 
-**Model and data.** The GPT-style decoder of ``benchmarks/train_loop.py`` (``ByteGPT``: token and
+**Model and data.** The GPT-style decoder of ``benchmarks/models.py`` (``ByteGPT``: token and
 position embeddings, pre-LN blocks with causal self-attention and a 4x GELU MLP, final LayerNorm,
 untied output head over 256 bytes) trains on the bytes of the Python standard library's
 top-level source files (they ship with Python; nothing is downloaded), read in sorted order up to
@@ -98,11 +98,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from models import ByteGPT, byte_loss, load_text, make_batches
 from step import PEER_ADAMW, environment, first_line, git, sync
-from train_loop import (CODE_PATHS, HYPER, MIB, VOCAB, ByteGPT, Config, Run, load_text, make_batches,
-                        measure_memory, memory_in_subprocess, mib)
+from train_loop import CODE_PATHS, HYPER, MIB, Config, Run, measure_memory, memory_in_subprocess, mib
 from train_loop import make_optimizer as loop_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -212,7 +211,7 @@ def held_out_loss(run: Run, held_out: list[tuple[torch.Tensor, torch.Tensor]]) -
             x, y = x.to(run.device), y.to(run.device)
             with run.autocast:
                 logits = run.model(x)
-            total += F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1), reduction="sum")
+            total += byte_loss(logits, y, reduction="sum")
     return total.item() / sum(y.numel() for _, y in held_out)
 
 

@@ -1,10 +1,11 @@
 """Training-loop benchmark: time per iteration and memory of torch AdamW and fusedwarm AdamW, with
 the optimizer step after the backward pass or inside it (``backward_step=True``).
 
-A small GPT-style byte-level decoder (token and position embeddings, pre-LN transformer blocks with
-causal self-attention and a GELU MLP, a final LayerNorm and an untied or tied output head) is
-trained on the bytes of the Python standard library's own source files, read in sorted order, on
-batches drawn with a fixed seed, so every configuration sees the same data. The configurations:
+The byte-level GPT of ``benchmarks/models.py`` (``ByteGPT``: token and position embeddings, pre-LN
+transformer blocks with causal self-attention and a GELU MLP, a final LayerNorm and an untied or
+tied output head; GPT-2's initialization) is trained on the bytes of the Python standard library's
+own source files, read in sorted order, on batches drawn with a fixed seed, so every configuration
+sees the same data. The configurations:
 
 * ``torch-amp``: ``torch.optim.AdamW`` (fused where the device supports it) on float32 weights,
   forward under ``torch.autocast(device, dtype=torch.bfloat16)``;
@@ -71,10 +72,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fusedwarm
+from models import ByteGPT, byte_loss, load_text, make_batches
 from step import environment, git, plain_tensors, sync
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,90 +83,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Issue 3's target: the step inside backward costs at most this much more time per iteration.
 TARGET_OVERHEAD = 1.05
 BASELINE, CANDIDATE = "fusedwarm", "fusedwarm-bs"
-VOCAB = 256  # bytes
 MIB = 2**20
 CODE_PATHS = ("fusedwarm/", "csrc/", "benchmarks/")  # uncommitted changes here affect the results
 HYPER = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}  # AdamW's, besides lr, in every configuration
-
-
-# ---- data and model -----------------------------------------------------------------------------
-
-
-def load_text(limit: int) -> tuple[torch.Tensor, list[str]]:
-    """The bytes of the standard library's top-level ``.py`` files, in sorted order, up to ``limit``.
-
-    Returns the bytes as a uint8 tensor and the names of the files used.
-    """
-    stdlib = Path(os.path.dirname(os.__file__))
-    parts, names, size = [], [], 0
-    for path in sorted(stdlib.glob("*.py")):
-        data = path.read_bytes()
-        parts.append(data[: limit - size])
-        names.append(path.name)
-        size += len(parts[-1])
-        if size >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8), names
-
-
-def make_batches(text: torch.Tensor, count: int, batch: int, seq: int, seed: int,
-                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` (input, target) pairs of ``batch`` random ``seq``-byte windows, targets shifted by one."""
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(text) - seq - 1, (count, batch), generator=gen)
-    offsets = torch.arange(seq + 1)
-    out = []
-    for s in starts:
-        window = text[s[:, None] + offsets].long().to(device)
-        out.append((window[:, :-1].contiguous(), window[:, 1:].contiguous()))
-    return out
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: causal multi-head self-attention, then a 4x GELU MLP."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln2 = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, 4 * dim)
-        self.out = nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class ByteGPT(nn.Module):
-    """A GPT-style decoder over bytes: embeddings, ``layers`` blocks, final LayerNorm, output head."""
-
-    def __init__(self, layers: int, dim: int, heads: int, seq: int, tie: bool) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(VOCAB, dim)
-        self.pos = nn.Embedding(seq, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, VOCAB, bias=False)
-        if tie:
-            self.head.weight = self.tok.weight
-        for m in self.modules():  # GPT-2's initialization
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, seq, 256) for the byte after each position of ``idx`` (batch, seq)."""
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
 
 
 # ---- configurations -----------------------------------------------------------------------------
@@ -258,7 +178,7 @@ class Run:
         x, y = batches[self.done]
         with self.autocast:
             logits = self.model(x)
-        loss = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1))
+        loss = byte_loss(logits, y)
         loss.backward()
         if probe:
             probe("after backward")
