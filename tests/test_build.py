@@ -120,7 +120,7 @@ def test_setup_py_installs_package_with_sources(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     pkg = target / "fusedwarm"
-    assert (pkg / "optim.py").is_file() and (pkg / "reference.py").is_file()
+    assert (pkg / "optim" / "__init__.py").is_file() and (pkg / "reference" / "__init__.py").is_file()
     assert (pkg / "csrc" / "ops.cpp").is_file()
     assert (pkg / "csrc" / "include" / "fusedwarm" / "update.cuh").is_file()
     assert not list(pkg.glob("_C*.so")), "the default install must not build the extension ahead of time"

@@ -138,8 +138,8 @@ def _train_ddp(dtype: torch.dtype, bucket_view: bool, process_group=None) -> dic
     opt.register_ddp_comm_hook(ddp)
     # Count the buckets the hook updates per iteration (the hook looks the method up on the instance).
     updates: list[int] = []
-    ddp_update = opt._ddp_update
-    opt._ddp_update = lambda params, buffer: (updates.append(len(params)), ddp_update(params, buffer))
+    ddp_update = opt._backward.ddp_update
+    opt._backward.ddp_update = lambda params, buffer: (updates.append(len(params)), ddp_update(params, buffer))
     params = list(model.parameters())
     record: dict[str, list] = {k: [] for k in ("buckets", "grads", "storages", "grads_after_step", "in_backward")}
     for x, y in _batches(dtype):

@@ -1,0 +1,99 @@
+"""The layout of a parameter's optimizer state: which tensors, of which dtype and shape.
+
+This module owns what ``optimizer.state[p]`` holds under a param group's storage options
+(``step``; ``extra``, the master weight's low bits, for half-precision weights with extra bits;
+the rule's moment buffers in ``state_dtype``), creates missing state tensors and checks existing
+ones. It never computes an update, and a check never changes the state it looks at.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
+
+
+def extra_bits(group: dict[str, Any], p: Tensor) -> int:
+    """The low master bits kept for ``p``: the group's ``extra_bits``, 0 for float32 weights."""
+    return 0 if p.dtype == torch.float32 else group["extra_bits"]
+
+
+def state_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+    """The dtype of ``p``'s moment buffers: the group's, or by default bfloat16 for half weights."""
+    if group["state_dtype"] is not None:
+        return group["state_dtype"]
+    return torch.float32 if p.dtype == torch.float32 else torch.bfloat16
+
+
+class StateLayout:
+    """Expected state tensors per parameter, with memos so that a step checks each one cheaply.
+
+    Args:
+        state_names: the rule's moment buffers used under a param group's options, in order.
+    """
+
+    def __init__(self, state_names: Callable[[dict[str, Any]], tuple[str, ...]]) -> None:
+        self._names = state_names
+        self._expected: dict[tuple, dict[str, torch.dtype]] = {}
+        self._checked: dict[int, tuple] = {}  # id(p) -> (expected, weak refs of its checked state tensors)
+
+    def expected(self, group: dict[str, Any], p: Tensor) -> dict[str, torch.dtype]:
+        """The state tensors of ``p`` under ``group``'s options, with their dtypes (do not modify)."""
+        key = (extra_bits(group, p), state_dtype(group, p), self._names(group))
+        expected = self._expected.get(key)
+        if expected is None:
+            k, dtype, names = key
+            expected = {"step": torch.int64, **({"extra": EXTRA_DTYPE[k]} if k else {}),
+                        **{name: dtype for name in names}}
+            self._expected[key] = expected
+        return expected
+
+    def check(self, group: dict[str, Any], what: Callable[[], str], p: Tensor, state: dict[str, Any] | None,
+              error: type) -> None:
+        """Raises ``error`` if an existing state tensor of ``p`` has the wrong dtype, shape or device."""
+        if not state:
+            return
+        expected = self.expected(group, p)
+        extra = state.get("extra")
+        if (extra.dtype if isinstance(extra, Tensor) else None) != expected.get("extra"):
+            raise error(f"{what()}: extra_bits changed to {extra_bits(group, p)} after the first step; this is not "
+                        f"supported")
+        for name, dtype in expected.items():
+            t = state.get(name)
+            if t is None:
+                continue
+            shape = () if name == "step" else p.shape
+            if not isinstance(t, Tensor) or t.dtype != dtype or t.shape != shape or t.device != p.device:
+                got = f"{t.dtype}, shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(t)
+                raise error(
+                    f"{what()}: state '{name}' is {got}; expected {dtype}, shape {tuple(shape)} on {p.device}"
+                )
+
+    def check_for_step(self, group: dict[str, Any], what: Callable[[], str], p: Tensor,
+                       state: dict[str, Any] | None) -> None:
+        """:meth:`check` before an update, skipped for a state that passed it with the same tensors.
+
+        A complete state passed at an earlier step if it still holds the same tensors under the
+        same options (weak references: a checked tensor is never kept alive by this).
+        """
+        if not state:
+            return
+        expected = self.expected(group, p)
+        known = self._checked.get(id(p))
+        if known is not None and known[0] is expected and all(state.get(name) is ref() for name, ref in known[1]):
+            return
+        self.check(group, what, p, state, RuntimeError)
+        if all(name in state for name in expected):
+            self._checked[id(p)] = (expected, tuple((name, weakref.ref(state[name])) for name in expected))
+
+    def create(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """Adds ``p``'s missing state tensors (zeros) to ``state`` and returns it."""
+        for name, dtype in self.expected(group, p).items():
+            if name not in state:
+                state[name] = torch.zeros(() if name == "step" else p.shape, dtype=dtype, device=p.device)
+        return state

@@ -1,0 +1,344 @@
+"""The base class of the fused optimizers: param groups, one fused launch per group, reporting.
+
+This module owns what every fused optimizer shares: registering param groups and parameters
+(with their tensor ids, the random-stream keys), creating and checking state through
+:mod:`fusedwarm._states`, ``step()`` (gradient checks before anything changes, then one fused call
+per group, device and dtype), the open iteration's bookkeeping, and reporting (schedule factors,
+skipped non-finite elements, master weights). It delegates argument checks to
+:mod:`fusedwarm._validation`, clipping and loss scaling to :mod:`fusedwarm._scaling`, the step in
+the backward pass to :mod:`fusedwarm.backward` and checkpoints to :mod:`fusedwarm._checkpoint`; the
+update rules themselves live in the kernels (``csrc/include/fusedwarm/update.cuh``), never here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import _ops, _validation, backward, schedules
+from .._checkpoint import Checkpointing
+from .._reporting import Reporting
+from .._scaling import GradScaling
+from .._states import StateLayout, extra_bits
+
+
+def _default_seed() -> int:
+    """A seed drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def _update_rows(control: str, p: Tensor) -> int:
+    """The number of rows ``p``'s update is bounded in: its output rows for ``"row"`` and 2-D+."""
+    return p.shape[0] if control == "row" and p.dim() >= 2 and p.numel() > 0 else 1
+
+
+class FusedOptimizer(Checkpointing, Reporting, Optimizer):
+    """Shared machinery of the fused optimizers; use :class:`AdamW`, :class:`SGD` or :class:`Lion`.
+
+    Subclasses name their operator, the state tensors it updates and the hyperparameters it
+    takes from each param group, and check those hyperparameters; see :class:`AdamW` for the
+    arguments every optimizer takes.
+    """
+
+    _op_name: str
+    _hyper_names: tuple[str, ...]
+    _op_states: tuple[str, ...]  # the operator's state-list arguments, in order
+    _warmups: tuple[str, ...]    # the warmups the rule supports
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *,
+                 backward_step: bool = False, bucket_cap_mb: float = 25.0, max_grad_norm: float | None = None,
+                 clip: str = "global", loss_scale: float | str | None = None) -> None:
+        _validation.check_storage(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
+        _validation.check_driver(backward_step, bucket_cap_mb, max_grad_norm, clip, loss_scale)
+        _validation.check_arithmetic(defaults.get("arithmetic", "ieee"))
+        _validation.check_update_control(defaults)
+        defaults["schedule"] = schedules.as_dict(defaults["schedule"])
+        _validation.check_warmup(type(self).__name__, self._warmups, defaults)
+        if defaults["seed"] is None:
+            defaults["seed"] = _default_seed()
+        self._options = dict(backward_step=backward_step, bucket_cap_mb=bucket_cap_mb, max_grad_norm=max_grad_norm,
+                             clip=clip, loss_scale=loss_scale)
+        self._reset_runtime()
+        super().__init__(params, defaults)
+        _ops.load()
+        self._init_scalars()
+        if backward_step:
+            self._backward.attach()
+
+    def _reset_runtime(self) -> None:
+        """Per-process bookkeeping that is never saved: hooks, memos, the open iteration."""
+        self._backward = backward.BackwardStep(self, self._options["bucket_cap_mb"])
+        self._states = StateLayout(self._state_names)
+        self._updated: dict[int, Tensor] = {}  # parameters updated in the open iteration
+        self._skips: list[tuple[list[Tensor], Tensor]] = []  # (parameters, skipped elements) per launch
+        self._iteration_open = False
+        self._index: dict[int, tuple[int, int]] = {}  # id(p) -> (group index, index in group)
+        self._ids: dict[int, int] = {}                # id(p) -> index in the optimizer: random-stream key
+
+    def _init_scalars(self, saved: dict[str, Tensor | None] | None = None) -> None:
+        """The loss-scale and clipping state, new on the main device or ``saved`` (see ``_checkpoint``)."""
+        o = self._options
+        self._scaling = GradScaling(o["max_grad_norm"], o["clip"], o["loss_scale"], self._main_device())
+        if saved is not None:
+            self._scaling.restore(saved)
+
+    def _main_device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    # ---- options ------------------------------------------------------------------------------
+
+    @property
+    def backward_step(self) -> bool:
+        """Whether parameters are updated inside the backward pass (see :meth:`close`)."""
+        return self._options["backward_step"]
+
+    def _scalars(self) -> dict[str, Tensor | None]:
+        return self._scaling.scalars()
+
+    # ---- parameters -------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a param group, checking its parameters and options (see :class:`torch.optim.Optimizer`)."""
+        if isinstance(param_group, dict):
+            if "schedule" in param_group:
+                param_group = {**param_group, "schedule": schedules.as_dict(param_group["schedule"])}
+            self._check_group_options(param_group)
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        for i, p in enumerate(group["params"]):
+            problem = _validation.param_problem(p)
+            owner = backward.owner(p)
+            if problem is None and owner is not None and owner is not self:
+                problem = (f"is already updated in the backward pass by another {type(owner).__name__} "
+                           f"(backward_step=True); a second optimizer would update it twice. Call close() "
+                           f"on the other optimizer first")
+            if problem is not None:
+                self.param_groups.pop()
+                raise TypeError(f"{type(self).__name__}: {self._param_label(group, gi, i, p)} {problem}")
+        self._register_group(gi)
+        if self._backward.attached:
+            self._backward.attach()
+
+    def _register_group(self, gi: int) -> None:
+        """Indexes the parameters of group ``gi``; their tensor ids continue the earlier groups'."""
+        first = sum(len(g["params"]) for g in self.param_groups[:gi])
+        for i, p in enumerate(self.param_groups[gi]["params"]):
+            self._index.setdefault(id(p), (gi, i))
+            self._ids.setdefault(id(p), first + i)
+
+    def _check_group_options(self, group: dict[str, Any]) -> None:
+        _validation.check_group(type(self).__name__, self._warmups, self._check_hyper,
+                                {**getattr(self, "defaults", {}), **group})
+
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _param_label(group: dict[str, Any], group_index: int, index: int, p: Tensor) -> str:
+        names = group.get("param_names")
+        name = f"'{names[index]}' " if names else ""
+        return f"parameter {name}(group {group_index}, index {index}, shape {tuple(p.shape)}, dtype {p.dtype})"
+
+    def _label(self, p: Tensor) -> str:
+        gi, i = self._index[id(p)]
+        return self._param_label(self.param_groups[gi], gi, i, p)
+
+    def _check_grad(self, group: dict[str, Any], gi: int, i: int, p: Tensor, g: Tensor) -> None:
+        """Checks ``p``'s gradient ``g`` and ``p``'s existing state before an update."""
+        def what() -> str:  # built only for an error message: step() checks every parameter
+            return f"{type(self).__name__}: {self._param_label(group, gi, i, p)}"
+
+        _validation.check_grad(what, p, g)
+        self._states.check_for_step(group, what, p, self.state.get(p))
+
+    # ---- step ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step, or with ``backward_step=True`` ends the iteration.
+
+        In backward-step mode the parameters were already updated during ``backward()``; this
+        call updates any parameter that still holds a gradient (e.g. one accumulated under
+        :meth:`accumulate`), frees the gradients, and closes the iteration: the lagged clipping
+        coefficient and the dynamic loss scale are updated on the device, and the next backward
+        may update every parameter again.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._backward.flush_all()
+
+        # Check every gradient before touching anything, so a bad one changes nothing. Each
+        # group's parameters with a gradient are bucketed by (device, dtype): one call each.
+        work: list[tuple[int, dict[tuple[torch.device, torch.dtype], list[Tensor]]]] = []
+        for gi, group in enumerate(self.param_groups):
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and id(p) not in self._updated:
+                    self._check_grad(group, gi, i, p, p.grad)
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            if buckets:
+                work.append((gi, buckets))
+        if work:
+            self._begin_iteration()
+            if self._scaling.clipping == "global":
+                self._scaling.global_clip([p.grad for _, buckets in work for ps in buckets.values() for p in ps],
+                                          self._main_device())
+            for gi, buckets in work:
+                for params in buckets.values():
+                    self._launch(gi, params, [p.grad for p in params])
+                    for p in params:
+                        self._updated[id(p)] = p
+        if self.backward_step:
+            for p in self._updated.values():
+                p.grad = None
+        self._end_iteration()
+        return loss
+
+    def _begin_iteration(self) -> None:
+        if self._iteration_open:
+            return
+        self._iteration_open = True
+        self._skips.clear()
+        self._scaling.begin_iteration()
+
+    def _end_iteration(self) -> None:
+        """Closes the iteration: loss-scale and lagged-clipping updates, all on the device."""
+        if not self._iteration_open:
+            return
+        self._iteration_open = False
+        self._updated.clear()
+        self._scaling.end_iteration(self.nonfinite_count)
+
+    def _launch(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Updates ``params`` (one group, device and dtype) with the given gradients.
+
+        One fused call, or two with ``update_control="rotational"``: tensors of one dimension
+        (gains, biases; excluded by Kosson et al. 2024) take the plain step with weight decay.
+        """
+        control = self.param_groups[gi].get("update_control")
+        if control == "rotational":
+            rot = [i for i, p in enumerate(params) if p.dim() >= 2]
+            plain = [i for i, p in enumerate(params) if p.dim() < 2]
+            if rot:
+                self._launch_call(gi, [params[i] for i in rot], [grads[i] for i in rot],
+                                  dict(rotational=True, update_rows=[_update_rows("row", params[i]) for i in rot]))
+            if plain:
+                self._launch_call(gi, [params[i] for i in plain], [grads[i] for i in plain], {})
+        elif control is not None:
+            self._launch_call(gi, params, grads, dict(update_norm=float(self.param_groups[gi]["update_norm"]),
+                                                      update_rows=[_update_rows(control, p) for p in params]))
+        else:
+            self._launch_call(gi, params, grads, {})
+
+    def _launch_call(self, gi: int, params: list[Tensor], grads: list[Tensor], controls: dict[str, Any]) -> None:
+        """One fused call for ``params`` with the op's update-size control arguments ``controls``."""
+        group = self.param_groups[gi]
+        device = params[0].device
+        states = [self._states.create(group, p, self.state[p]) for p in params]
+        used = self._state_names(group)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)
+        # Parameters that are not contiguous are updated through a contiguous copy.
+        work = [p if p.is_contiguous() else p.contiguous() for p in params]
+        lr = group["lr"]
+        lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
+        skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
+        ids = [self._ids[id(p)] for p in params]  # each tensor's index in the optimizer: its random-stream key
+        getattr(_ops.load(), self._op_name)(
+            work,
+            [g.contiguous() for g in grads],
+            [s["extra"] for s in states if "extra" in s],
+            # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
+            *[[s[n] for s in states] if n in used else [] for n in self._op_states],
+            steps,
+            ids,
+            lr_tensor,
+            0.0 if lr_tensor is not None else float(lr),
+            extra_bits(group, params[0]),
+            group["seed"],
+            *[self._hyper_value(group, n) for n in self._hyper_names],
+            arithmetic=group.get("arithmetic", "ieee"),
+            grad_scales=self._scaling.grad_scales(device, ids, grads, self._main_device()),
+            nonfinite=skipped,
+            **self._schedule_args(group),
+            **controls,
+        )
+        self._skips.append((params, skipped))
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)
+
+    def _schedule_args(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The op's warmup and schedule arguments for ``group``."""
+        warmup = group["warmup"]
+        if warmup == "untuned" and "betas" not in group:
+            warmup = "none"  # SGD: see fusedwarm.optim's docstring
+        return dict(warmup=warmup, warmup_steps=group["warmup_steps"] or 0,
+                    warmup_start=float(group["warmup_start"]),
+                    **schedules.from_dict(group["schedule"]).op_args())
+
+    @staticmethod
+    def _hyper_value(group: dict[str, Any], name: str) -> Any:
+        if name in ("beta1", "beta2"):
+            return float(group["betas"][0 if name == "beta1" else 1])
+        value = group[name]
+        return value if isinstance(value, bool) else float(value)
+
+    # ---- step in the backward pass (fusedwarm.backward) ----------------------------------------
+
+    def accumulate(self) -> AbstractContextManager[None]:
+        """Keeps gradients instead of stepping, for gradient accumulation with ``backward_step=True``.
+
+        Inside the block, ``backward()`` accumulates into ``.grad`` as plain autograd does. The
+        next ``backward()`` outside the block adds its gradients and updates each parameter as
+        usual (so its result equals one step on the summed gradients); alternatively
+        :meth:`step` updates every parameter that holds a gradient. Scale each micro-batch's loss
+        (e.g. by ``1 / micro_batches``) as you would without fusedwarm.
+        """
+        return self._backward.accumulate()
+
+    def close(self) -> None:
+        """Removes the backward hooks: autograd fills ``.grad`` again and :meth:`step` updates as usual.
+
+        Pending buckets are flushed first. Calling it twice, or without ``backward_step``, is harmless.
+        """
+        self._backward.close()
+        self._options["backward_step"] = False
+
+    def register_ddp_comm_hook(self, ddp_model: torch.nn.Module) -> None:
+        """Runs the fused update on each DDP bucket right after its all-reduce.
+
+        For ``backward_step=True`` under :class:`torch.nn.parallel.DistributedDataParallel`: the
+        per-parameter hooks (which would see local, un-reduced gradients) are replaced by a DDP
+        communication hook that all-reduces a bucket, averages it, and updates the bucket's
+        parameters at once, so updates overlap the remaining communication. DDP keeps its own
+        bucket buffers (a full set of gradients), so under DDP the saving is time, not memory;
+        ``gradient_as_bucket_view=True`` at least avoids DDP's second copy in ``.grad``. After
+        :meth:`close` the hook only averages and :meth:`step` updates as usual.
+
+        Args:
+            ddp_model: the ``DistributedDataParallel`` module wrapping this optimizer's parameters.
+        """
+        if not self.backward_step:
+            raise RuntimeError(f"{type(self).__name__}.register_ddp_comm_hook needs backward_step=True")
+        self._backward.register_ddp_comm_hook(ddp_model)
