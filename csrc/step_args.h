@@ -84,4 +84,11 @@ void dispatch_storage(const StepLists& L, Fn&& fn) {
   }
 }
 
+// The runtime-to-template step of both backends' run: calls fn(Tag<Param>{}, Tag<State>{},
+// Tag<Arithmetic>{}) with the call's parameter storage, state storage and element arithmetic.
+template <class Fn>
+void dispatch_step(const StepLists& L, Fn&& fn) {
+  dispatch_arithmetic(L, [&](auto mtag) { dispatch_storage(L, [&](auto ptag, auto stag) { fn(ptag, stag, mtag); }); });
+}
+
 }  // namespace fusedwarm

@@ -146,11 +146,8 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
 
 template <class Rule>
 void CpuBackend::run(const StepLists& L, const typename Rule::Hyper& h) {
-  dispatch_arithmetic(L, [&](auto mtag) {
-    dispatch_storage(L, [&](auto ptag, auto stag) {
-      run_typed<Rule, typename decltype(ptag)::type, typename decltype(stag)::type, typename decltype(mtag)::type>(
-          L, h);
-    });
+  dispatch_step(L, [&](auto p, auto s, auto m) {
+    run_typed<Rule, typename decltype(p)::type, typename decltype(s)::type, typename decltype(m)::type>(L, h);
   });
 }
 
