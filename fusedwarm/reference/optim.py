@@ -1,0 +1,268 @@
+"""The reference optimizers: float32 master bookkeeping and the AdamW, SGD and Lion rules (DESIGN.md layer 6).
+
+Owns ``_Reference`` (the float32 master and states, the skip of non-finite gradients, and the order
+in which warmup, schedule, update rule and update-size control are applied each step) and the
+update rules of :class:`AdamW`, :class:`SGD` and :class:`Lion` in IEEE and piecewise-affine form,
+with the float32 per-step scalars evaluated in fusedwarm's order. It must not define arithmetic,
+schedules or update-size control itself (those come from :mod:`.pam`, :mod:`.schedules` and
+:mod:`.control`), and it must never import the compiled extension or any other part of fusedwarm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .control import _check_update_control, bound_update, equilibrium_update, rotate_update
+from .pam import pam_div, pam_mul, pam_sqrt
+from .schedules import _schedule_dict, schedule_factor, warmup_factor
+
+ARITHMETICS = ("ieee", "pam")
+
+
+def _f32(x: float | Tensor) -> Tensor:
+    """A float32 scalar tensor: the per-step scalars of the pam optimizers are rounded as in fp32."""
+    return torch.as_tensor(x, dtype=torch.float32).detach().reshape(()).cpu()
+
+
+def _powi_f32(base: Tensor, n: int) -> Tensor:
+    """base**n by repeated squaring in float32, the order fusedwarm's fw::powi uses."""
+    r = _f32(1.0)
+    while n > 0:
+        if n & 1:
+            r = r * base
+        base = base * base
+        n >>= 1
+    return r
+
+
+def _check_arithmetic(arithmetic: Any) -> None:
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"Invalid arithmetic: {arithmetic!r} (expected one of {ARITHMETICS})")
+
+
+class _Reference(Optimizer):
+    """Float32-master bookkeeping shared by the reference optimizers."""
+
+    _state_names: tuple[str, ...] = ()
+
+    def _states(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._state_names
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["master"] = p.detach().to(torch.float32, copy=True)
+                for name in self._states(group):
+                    state.setdefault(name, torch.zeros_like(state["master"]))
+                state["step"] += 1
+                t = state["step"]
+                beta2 = group["betas"][1] if "betas" in group else None
+                warmup = group["warmup"] if beta2 is not None or group["warmup"] != "untuned" else "none"
+                w, adaptive = warmup_factor(warmup, t, beta2, group["warmup_steps"], group["warmup_start"])
+                factor = w * schedule_factor(group["schedule"], t)
+                g = p.grad.to(torch.float32)
+                if group["maximize"]:
+                    g = -g
+                finite = torch.isfinite(g)
+                old = {name: state[name].clone() for name in ("master",) + self._states(group)}
+                g = torch.where(finite, g, torch.zeros_like(g))
+                control = group.get("update_control")
+                rotational = control == "rotational" and p.dim() >= 2
+                rule_group = {**group, "weight_decay": 0.0} if rotational else group
+                if group.get("arithmetic", "ieee") == "pam":
+                    self._update_pam(rule_group, _f32(group["lr"]) * _f32(factor), state, g)
+                else:
+                    self._update(rule_group, float(group["lr"]) * factor, state, g, adaptive)
+                for name, before in old.items():
+                    state[name].copy_(torch.where(finite, state[name], before))
+                master = state["master"]
+                if rotational:
+                    eta = equilibrium_update(group, float(group["lr"]) * factor)
+                    master.copy_(torch.where(finite, rotate_update(old["master"], master, eta), old["master"]))
+                elif control in ("tensor", "row"):
+                    master.copy_(bound_update(old["master"], master, control, group["update_norm"]))
+                p.copy_(master)
+        return loss
+
+    def _update(self, group: dict[str, Any], lr: float, state: dict[str, Any], g: Tensor, adaptive: bool) -> None:
+        raise NotImplementedError
+
+    def _update_pam(self, group: dict[str, Any], lr: float | Tensor, state: dict[str, Any], g: Tensor) -> None:
+        raise NotImplementedError
+
+    def master_weight(self, p: Tensor) -> Tensor:
+        """The float32 master weight of ``p`` (a copy of ``p`` before its first step)."""
+        state = self.state.get(p)
+        return state["master"].clone() if state else p.detach().to(torch.float32, copy=True)
+
+
+class AdamW(_Reference):
+    """AdamW (Loshchilov & Hutter 2019) on a float32 master, as :class:`torch.optim.AdamW`:
+
+    p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    """
+
+    _state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
+                 maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
+                 seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned",
+                 warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None,
+                 v_init: str = "zero", update_control: str | None = None,
+                 update_norm: float | None = None) -> None:
+        _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm, weight_decay)
+        if arithmetic == "pam" and (v_init != "zero" or warmup == "radam"):
+            raise ValueError("reference.AdamW: arithmetic='pam' is implemented for v_init='zero' without 'radam'")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                                      arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
+                                      warmup_start=warmup_start, schedule=_schedule_dict(schedule),
+                                      v_init=v_init, update_control=update_control, update_norm=update_norm))
+
+    def _update(self, group, lr, state, g, adaptive):
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        p, m, v = state["master"], state["exp_avg"], state["exp_avg_sq"]
+        p.mul_(1 - lr * group["weight_decay"])
+        m.mul_(beta1).add_((1 - beta1) * g)
+        bias_correction1 = 1 - beta1**t
+        if group["v_init"] == "grad":
+            # GI-Adam (Kalra & Barkeshli 2024): v_0 = g_1^2, and v's weights sum to 1 (no correction).
+            if t == 1:
+                v.copy_(g * g)
+            else:
+                v.mul_(beta2).add_((1 - beta2) * g * g)
+            bias_correction2 = 1.0
+        else:
+            v.mul_(beta2).add_((1 - beta2) * g * g)
+            bias_correction2 = 1 - beta2**t
+        if not adaptive:  # RAdam's fallback: momentum SGD
+            p.sub_((lr / bias_correction1) * m)
+            return
+        denom = v.sqrt() / bias_correction2**0.5 + group["eps"]
+        p.sub_((lr / bias_correction1) * (m / denom))
+
+    def _update_pam(self, group, lr, state, g):
+        # Kingma & Ba's one-division form, as fusedwarm computes it (update.cuh):
+        # p <- p - a_t m / (sqrt(v) + eps_t), a_t = lr sqrt(1 - b2^t) / (1 - b1^t), eps_t = eps sqrt(1 - b2^t).
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        lr = _f32(lr)
+        decay = 1 - lr * _f32(group["weight_decay"])
+        bc2_sqrt = torch.sqrt(1 - _powi_f32(_f32(beta2), t))
+        step_size = lr * bc2_sqrt / (1 - _powi_f32(_f32(beta1), t))
+        eps = _f32(group["eps"]) * bc2_sqrt
+        p, m, v = state["master"], state["exp_avg"], state["exp_avg_sq"]
+        p.copy_(pam_mul(p, decay))
+        m.copy_(pam_mul(_f32(beta1), m) + pam_mul(_f32(1 - beta1), g))
+        v.copy_(pam_mul(_f32(beta2), v) + pam_mul(_f32(1 - beta2), pam_mul(g, g)))
+        p.copy_(p - pam_mul(step_size, pam_div(m, pam_sqrt(v) + eps)))
+
+
+class SGD(_Reference):
+    """SGD as :class:`torch.optim.SGD` on a float32 master:
+
+    g <- g + wd p;  b <- g on the first step, else momentum b + (1 - dampening) g;
+    d <- g + momentum b (Nesterov) or b;  p <- p - lr d.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False, extra_bits: int = 16, state_dtype: torch.dtype | None = None,
+                 seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned",
+                 warmup_steps: int | None = None, warmup_start: float = 0.0, schedule: Any = None,
+                 update_control: str | None = None, update_norm: float | None = None) -> None:
+        _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm, weight_decay)
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize, arithmetic=arithmetic, warmup=warmup,
+                                      warmup_steps=warmup_steps, warmup_start=warmup_start,
+                                      schedule=_schedule_dict(schedule), update_control=update_control,
+                                      update_norm=update_norm))
+
+    def _states(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _update(self, group, lr, state, g, adaptive):
+        p = state["master"]
+        if group["weight_decay"] != 0:
+            g = g + group["weight_decay"] * p
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state["momentum_buffer"]
+            if state["step"] == 1:
+                buf.copy_(g)
+            else:
+                buf.mul_(momentum).add_((1 - group["dampening"]) * g)
+            g = g + momentum * buf if group["nesterov"] else buf
+        p.sub_(lr * g)
+
+    def _update_pam(self, group, lr, state, g):
+        p = state["master"]
+        g = g + pam_mul(_f32(group["weight_decay"]), p)
+        momentum = group["momentum"]
+        if momentum != 0:
+            buf = state["momentum_buffer"]
+            first = state["step"] == 1
+            buf_coef = _f32(0.0 if first else momentum)
+            grad_coef = _f32(1.0 if first else 1 - group["dampening"])
+            buf.copy_(pam_mul(buf_coef, buf) + pam_mul(grad_coef, g))
+            nesterov = group["nesterov"]
+            g = pam_mul(_f32(1.0 if nesterov else 0.0), g) + pam_mul(_f32(momentum if nesterov else 1.0), buf)
+        p.copy_(p - pam_mul(_f32(lr), g))
+
+
+class Lion(_Reference):
+    """Lion (Chen et al. 2023) on a float32 master:
+
+    c <- b1 m + (1 - b1) g;  p <- p (1 - lr wd) - lr sign(c);  m <- b2 m + (1 - b2) g.
+    """
+
+    _state_names = ("exp_avg",)
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *, maximize: bool = False,
+                 extra_bits: int = 16, state_dtype: torch.dtype | None = None, seed: int | None = None,
+                 arithmetic: str = "ieee", warmup: str = "untuned", warmup_steps: int | None = None,
+                 warmup_start: float = 0.0, schedule: Any = None, update_control: str | None = None,
+                 update_norm: float | None = None) -> None:
+        _check_arithmetic(arithmetic)
+        _check_update_control(update_control, update_norm, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                                      arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
+                                      warmup_start=warmup_start, schedule=_schedule_dict(schedule),
+                                      update_control=update_control, update_norm=update_norm))
+
+    def _update(self, group, lr, state, g, adaptive):
+        beta1, beta2 = group["betas"]
+        p, m = state["master"], state["exp_avg"]
+        c = beta1 * m + (1 - beta1) * g
+        p.mul_(1 - lr * group["weight_decay"]).sub_(lr * torch.sign(c))
+        m.mul_(beta2).add_((1 - beta2) * g)
+
+    def _update_pam(self, group, lr, state, g):
+        beta1, beta2 = group["betas"]
+        p, m = state["master"], state["exp_avg"]
+        lr = _f32(lr)
+        decay = 1 - lr * _f32(group["weight_decay"])
+        c = pam_mul(_f32(beta1), m) + pam_mul(_f32(1 - beta1), g)
+        p.copy_(pam_mul(p, decay) - pam_mul(lr, torch.sign(c)))
+        m.copy_(pam_mul(_f32(beta2), m) + pam_mul(_f32(1 - beta2), g))
