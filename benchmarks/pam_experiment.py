@@ -1,6 +1,7 @@
-"""Training with piecewise-affine arithmetic (Kosson & Jaggi 2023): a small byte-level transformer.
+"""Training with piecewise-affine arithmetic (Kosson & Jaggi 2023): a small byte-level GPT.
 
-Three runs from the same initial weights on the same batches, on the CPU:
+Three runs of the byte-level GPT of ``benchmarks/models.py`` (``ByteGPT``, GPT-2's initialization)
+from the same initial weights on the same batches, on the CPU:
 
 1. ``fusedwarm.AdamW`` with IEEE float32 arithmetic;
 2. ``fusedwarm.AdamW(arithmetic="pam")``: every per-element multiply, divide and sqrt of the
@@ -33,12 +34,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fusedwarm
 from fusedwarm import pam
 from fusedwarm.demo import TEXT_MODULES, batches, load_text
+from models import ByteGPT, loss_of
 from step import git
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,47 +50,6 @@ RUNS = {
     "pam-optimizer": "2) AdamW, arithmetic='pam'",
     "pam-optimizer+linear": "3) arithmetic='pam' + pam.Linear everywhere",
 }
-
-
-class Block(nn.Module):
-    """Pre-layernorm transformer block (causal self-attention + GELU MLP) with a choice of Linear."""
-
-    def __init__(self, width: int, heads: int, linear: type[nn.Linear]) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = linear(width, 3 * width), linear(width, width)
-        self.fc1, self.fc2 = linear(width, 4 * width), linear(4 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class ByteTransformer(nn.Module):
-    """A GPT-style byte-level language model: token + position embeddings, blocks, linear head."""
-
-    def __init__(self, length: int, width: int, layers: int, heads: int, linear: type[nn.Linear]) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(256, width)
-        self.pos = nn.Parameter(0.02 * torch.randn(length, width))
-        self.blocks = nn.ModuleList(Block(width, heads, linear) for _ in range(layers))
-        self.ln = nn.LayerNorm(width)
-        self.head = linear(width, 256)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, length, 256) for the byte after each position of ``idx`` (batch, length)."""
-        x = self.tok(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
-
-
-def loss_of(model: nn.Module, xy: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(xy[:, :-1]).reshape(-1, 256), xy[:, 1:].reshape(-1))
 
 
 def run(label: str, model: nn.Module, opt: torch.optim.Optimizer, train: list[torch.Tensor],
@@ -155,15 +115,21 @@ def run_metadata(experiment: str, argv: list[str] | None, text: bytes) -> dict:
     }
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, steps: int, width: int, layers: int, lr: float) -> None:
+    """The flags the CPU experiments share (training length, batch and model shape, learning rate),
+    with each experiment's defaults."""
+    parser.add_argument("--steps", type=int, default=steps, help=f"training steps (default: {steps})")
+    parser.add_argument("--batch", type=int, default=16, help="windows per step (default: 16)")
+    parser.add_argument("--length", type=int, default=64, help="bytes per window, the model's context (default: 64)")
+    parser.add_argument("--width", type=int, default=width, help=f"model width (default: {width})")
+    parser.add_argument("--layers", type=int, default=layers, help=f"transformer blocks (default: {layers})")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads; must divide --width (default: 4)")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    add_run_arguments(parser, steps=400, width=64, layers=2, lr=3e-3)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -174,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     split = int(0.9 * len(text))
     train = batches(text[:split], args.steps, args.batch, args.length, args.seed)
     held_out = batches(text[split:], args.eval_batches, args.batch, args.length, args.seed + 1)
-    init = ByteTransformer(args.length, args.width, args.layers, args.heads, nn.Linear).state_dict()
+    init = ByteGPT(args.layers, args.width, args.heads, args.length).state_dict()
     n_params = sum(t.numel() for t in init.values())
     hyper = dict(lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, state_dtype=torch.float32, seed=args.seed,
                  warmup="none")
@@ -185,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     for key in RUNS:
         print(RUNS[key], flush=True)
         linear = pam.Linear if key == "pam-optimizer+linear" else nn.Linear
-        model = ByteTransformer(args.length, args.width, args.layers, args.heads, linear)
+        model = ByteGPT(args.layers, args.width, args.heads, args.length, linear=linear)
         model.load_state_dict(init)
         opt = fusedwarm.AdamW(model.parameters(), **hyper, arithmetic="ieee" if key == "ieee" else "pam")
         results[key] = run(key, model, opt, train, held_out, log_every=max(1, args.steps // 10))
