@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
+#include <type_traits>
 
 #include "cpu/pam_cpu.h"
 #include "cpu/step_cpu.h"
@@ -233,12 +235,58 @@ at::Tensor master_weight_cpu(const at::Tensor& param, const at::Tensor& extra, i
   return out;
 }
 
+// The inverse of master_weight: a float32 master written as a `dtype` weight plus `extra_bits`
+// extra bits (MasterCodec::encode), rounding to nearest (ties away from zero) where the master has
+// fewer bits than float32. Used when a checkpoint or float32 weights are loaded, not in the step.
+std::tuple<at::Tensor, at::Tensor> master_split_cpu(const at::Tensor& master, at::ScalarType dtype,
+                                                    int64_t extra_bits) {
+  TORCH_CHECK(extra_bits == 0 || extra_bits == 8 || extra_bits == 16,
+              "fusedwarm.master_split: extra_bits must be 0, 8 or 16, got ", extra_bits);
+  TORCH_CHECK(master.scalar_type() == at::kFloat, "fusedwarm.master_split: master must be float32, got ",
+              master.scalar_type());
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "fusedwarm.master_split: dtype must be bfloat16 or float16, got ", dtype);
+  const at::Tensor m = master.contiguous();
+  at::Tensor w = at::empty(m.sizes(), m.options().dtype(dtype));
+  at::Tensor e = extra_bits > 0 ? at::empty(m.sizes(), m.options().dtype(extra_bits == 16 ? at::kShort : at::kChar))
+                                : at::empty({0}, m.options().dtype(at::kChar));
+  const float* src = m.const_data_ptr<float>();
+  uint16_t* out = static_cast<uint16_t*>(w.data_ptr());
+  const int64_t n = m.numel();
+  constexpr uint32_t kNearest = 0x80000000u;  // half of the 32-bit random range: round half up
+  auto encode = [&](auto codec_tag, auto* ext) {
+    using Codec = typename decltype(codec_tag)::type;
+    for (int64_t k = 0; k < n; ++k) {
+      int32_t bits = 0;
+      Codec::encode(src[k], kNearest, out[k], bits);
+      if (ext) ext[k] = static_cast<std::remove_pointer_t<decltype(ext)>>(bits);
+    }
+  };
+  auto with_format = [&](auto ftag) {
+    using F = typename decltype(ftag)::type;
+    if (extra_bits == 16) encode(Tag<fw::MasterCodec<F, 16>>{}, e.data_ptr<int16_t>());
+    else if (extra_bits == 8) encode(Tag<fw::MasterCodec<F, 8>>{}, e.data_ptr<int8_t>());
+    else encode(Tag<fw::MasterCodec<F, 0>>{}, static_cast<int8_t*>(nullptr));
+  };
+  if (dtype == at::kBFloat16) with_format(Tag<fw::BF16Format>{});
+  else with_format(Tag<fw::F16Format>{});
+  return {w, e};
+}
+
 namespace {
 
 at::Tensor master_weight_any(const at::Tensor& param, const at::Tensor& extra, int64_t extra_bits) {
   if (param.device().is_cpu()) return master_weight_cpu(param, extra, extra_bits);
   // Inspection only: decode on the CPU with the same header, then move back.
   return master_weight_cpu(param.cpu(), extra_bits > 0 ? extra.cpu() : extra, extra_bits).to(param.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> master_split_any(const at::Tensor& master, at::ScalarType dtype,
+                                                    int64_t extra_bits) {
+  if (master.device().is_cpu()) return master_split_cpu(master, dtype, extra_bits);
+  // Loading only (never in the step): encode on the CPU with the same header, then move back.
+  auto [w, e] = master_split_cpu(master.cpu(), dtype, extra_bits);
+  return {w.to(master.device()), e.to(master.device())};
 }
 
 // The factors of fw::factors (schedule.cuh) for a tensor of step counters: float32 [..., 4]
@@ -332,6 +380,7 @@ TORCH_LIBRARY(fusedwarm, m) {
   m.def("schedule_factors(Tensor steps, float beta2, " FW_SCHEDULE_SCHEMA ") -> Tensor");
   m.def("schedule_math(Tensor x, str fn) -> Tensor");
   m.def("master_weight(Tensor param, Tensor extra, int extra_bits) -> Tensor");
+  m.def("master_split(Tensor master, ScalarType dtype, int extra_bits) -> (Tensor, Tensor)");
   m.def("philox4x32(Tensor counters, int key) -> Tensor");
   // Piecewise-affine arithmetic (Kosson & Jaggi 2023; pam.cuh): float32 in, float32 out.
   m.def("pam_mul(Tensor a, Tensor b) -> Tensor");
@@ -359,6 +408,7 @@ TORCH_LIBRARY_IMPL(fusedwarm, CPU, m) {
 
 TORCH_LIBRARY_IMPL(fusedwarm, CompositeExplicitAutograd, m) {
   m.impl("master_weight", &master_weight_any);
+  m.impl("master_split", &master_split_any);
 }
 
 }  // namespace fusedwarm

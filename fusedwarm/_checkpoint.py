@@ -10,10 +10,15 @@ layouts (``_states``) or run updates.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import _ops, _validation
+from ._states import EXTRA_DTYPE, extra_bits
+SAVED_EXTRA_BITS = {dtype: bits for bits, dtype in EXTRA_DTYPE.items()}
 
 
 class Checkpointing:
@@ -47,15 +52,27 @@ class Checkpointing:
             self._backward.attach()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a state dict made by :meth:`state_dict`, keeping state dtypes exactly.
+        """Loads a state dict made by :meth:`state_dict` or by a ``torch.optim`` optimizer.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point states to the parameter's
-        dtype, which would round float32 states and destroy the integer extra bits; here the
-        state tensors are restored as saved (copied onto the parameter's device). Everything is
-        checked before anything changes: group options, and each state tensor's dtype, shape and
-        device against its parameter. Options missing from the saved groups (e.g. a
-        ``torch.optim.AdamW`` state dict) take this optimizer's defaults; a float ``step`` is
-        converted to int64.
+        dtype, which would round float32 states and destroy the integer extra bits; here state
+        tensors are converted only to what this optimizer keeps (copied onto the parameter's
+        device). Everything is checked before anything changes.
+
+        * Hyperparameters come from the checkpoint (as in torch); options missing from it (e.g. in
+          a ``torch.optim.AdamW`` state dict) take this optimizer's defaults.
+        * Storage options (``extra_bits``, ``state_dtype``) given to this optimizer's constructor or
+          param group win over the checkpoint's, so a run can resume with less memory: states are
+          converted to its ``state_dtype`` (float32 -> bfloat16 rounds to nearest) and extra bits to
+          its ``extra_bits`` (16 -> 8 -> 0 and back; a state without extra bits, as torch's, starts
+          from master = weight). Storage options left unset follow the checkpoint. Converting extra bits rewrites the master from the parameter's current
+          weight, so load the model's weights first, as trainers do; with fewer bits the master is
+          rounded to nearest and the weight follows it.
+        * A ``step`` that is a float tensor or a plain number becomes an int64 tensor; a state
+          without one (``torch.optim.SGD``'s momentum buffer) counts as one update done, so the
+          loaded buffer is used by the next step.
+        * torch options fusedwarm does not implement (``amsgrad``, ``capturable``,
+          ``differentiable``, Adam's L2 weight decay) must be off; ``foreach``/``fused`` are dropped.
         """
         name = type(self).__name__
         scalars = state_dict.get("fusedwarm", {})
@@ -70,17 +87,22 @@ class Checkpointing:
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        groups = [{**self.defaults, **saved} for saved in saved_groups]
+        groups = []
         index_to_param: dict[Any, tuple[int, int, Tensor]] = {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
                     "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
                 )
+            _validation.check_torch_options(f"{name}.load_state_dict", saved, loading=True)
+            groups.append({**self.defaults,
+                           **{k: v for k, v in saved.items() if k not in _validation.TORCH_GROUP_KEYS},
+                           **{k: group[k] for k in self._options["storage_given"][gi]}})
             self._check_group_options(groups[gi])
             for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
                 index_to_param[key] = (gi, i, p)
         kept: dict[Any, dict[str, Tensor]] = {}
+        weights: list[tuple[Tensor, Tensor]] = []
         stripped: dict[Any, dict[str, Any]] = {}
         for key, entry in state_dict["state"].items():
             tensors = {k: v for k, v in entry.items() if isinstance(v, Tensor)}
@@ -88,21 +110,108 @@ class Checkpointing:
             if key not in index_to_param:
                 continue
             gi, i, p = index_to_param[key]
+            label = f"{name}.load_state_dict: parameter {key} ({self._param_label(groups[gi], gi, i, p)})"
+            step = stripped[key].pop("step", None)
+            if step is not None:
+                if not isinstance(step, (int, float)) or isinstance(step, bool):
+                    raise ValueError(f"{label}: state 'step' is {step!r}; expected a number or a tensor")
+                tensors["step"] = torch.tensor(step)
             for k, value in tensors.items():
                 if k != "step" and value.shape != p.shape:
-                    raise ValueError(
-                        f"{name}.load_state_dict: state '{k}' of parameter {key} has shape {tuple(value.shape)} "
-                        f"but the parameter has shape {tuple(p.shape)}"
-                    )
-            step = tensors.get("step")
-            if step is not None and step.is_floating_point():
-                tensors["step"] = step.to(torch.int64)
-            tensors = {k: v.to(device=p.device, copy=True) for k, v in tensors.items()}
-            label = f"{name}.load_state_dict: parameter {key} ({self._param_label(groups[gi], gi, i, p)})"
+                    raise ValueError(f"{name}.load_state_dict: state '{k}' of parameter {key} has shape "
+                                     f"{tuple(value.shape)} but the parameter has shape {tuple(p.shape)}")
+            tensors, weight = self._convert_state(groups[gi], p, tensors)
             self._states.check(groups[gi], lambda: label, p, tensors, ValueError)
             kept[key] = tensors
+            if weight is not None:
+                weights.append((p, weight))
         super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped})
         for key, tensors in kept.items():
             self.state[index_to_param[key][2]].update(tensors)
+        with torch.no_grad():
+            for p, weight in weights:
+                p.copy_(weight)
         for key, value in scalars.items():
             self._scalars()[key].copy_(value)
+
+    def _convert_state(self, group: dict[str, Any], p: Tensor,
+                       tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+        """``p``'s loaded state tensors in this optimizer's storage, and ``p``'s new weight if it changes.
+
+        Nothing here modifies ``p`` or the given tensors: the caller applies the result once every
+        parameter's state has been checked.
+        """
+        expected = self._states.expected(group, p)
+        out = {k: v.to(device=p.device, copy=True) for k, v in tensors.items()}
+        step = out.get("step")
+        if step is None and any(n in out for n in expected if n not in ("step", "extra")):
+            out["step"] = torch.ones((), dtype=torch.int64, device=p.device)
+        elif step is not None and step.dtype != torch.int64 and step.numel() == 1:
+            out["step"] = step.to(torch.int64)
+        # A moment saved in a state dtype fusedwarm keeps, or in the parameter's dtype (torch.optim's
+        # states), becomes this optimizer's state dtype; any other dtype is left for check() to refuse.
+        for n, dtype in expected.items():
+            if n not in ("step", "extra") and n in out and out[n].dtype in (*_validation.STATE_DTYPES, p.dtype):
+                out[n] = out[n].to(dtype)
+        saved = out.get("extra")
+        saved_bits = 0 if saved is None else SAVED_EXTRA_BITS.get(saved.dtype)
+        bits = extra_bits(group, p)
+        if p.dtype == torch.float32 or not out or saved_bits is None or saved_bits == bits:
+            return out, None
+        ops = _ops.load()
+        master = ops.master_weight(p.detach().contiguous(), saved if saved is not None else p.new_empty(0), saved_bits)
+        weight, extra = ops.master_split(master, p.dtype, bits)
+        out.pop("extra", None)
+        if bits:
+            out["extra"] = extra
+        return out, weight
+
+    @torch.no_grad()
+    def load_master_weights(self, masters: Iterable[Tensor] | Mapping[str, Tensor]) -> None:
+        """Sets every parameter, and its extra bits, from float32 master weights.
+
+        The way to move a float32 run onto half-precision weights without losing its master: the
+        weight becomes the master rounded to nearest and the extra bits keep the rest (all of it
+        with ``extra_bits=16`` on bfloat16 weights; with fewer bits the master is rounded to
+        nearest). Together with :meth:`load_state_dict` of the float32 run's ``torch.optim``
+        state, training continues as the float32 run would (see the README's checkpoint section).
+
+        Args:
+            masters: float32 (or wider) tensors, one per parameter, in the optimizer's order (param
+                groups in order), e.g. ``fp32_model.parameters()``; or a mapping from parameter
+                names to tensors, e.g. ``fp32_model.state_dict()``, for an optimizer built from
+                ``model.named_parameters()``.
+        """
+        name = type(self).__name__
+        params = [(gi, i, p) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])]
+        if isinstance(masters, Mapping):
+            values = []
+            for gi, i, p in params:
+                names = self.param_groups[gi].get("param_names")
+                if not names:
+                    raise ValueError(f"{name}.load_master_weights: a mapping needs parameter names; build the "
+                                     f"optimizer from model.named_parameters(), or pass a list of tensors")
+                if names[i] not in masters:
+                    raise ValueError(f"{name}.load_master_weights: no tensor named {names[i]!r}")
+                values.append(masters[names[i]])
+        else:
+            values = list(masters)
+            if len(values) != len(params):
+                raise ValueError(f"{name}.load_master_weights: got {len(values)} tensors for {len(params)} "
+                                 f"parameters")
+        splits = []
+        ops = _ops.load()
+        for (gi, i, p), m in zip(params, values):
+            label = self._param_label(self.param_groups[gi], gi, i, p)
+            if not isinstance(m, Tensor) or not m.is_floating_point() or m.shape != p.shape:
+                got = f"{m.dtype} tensor of shape {tuple(m.shape)}" if isinstance(m, Tensor) else repr(m)
+                raise ValueError(f"{name}.load_master_weights: {label}: expected a floating-point tensor of shape "
+                                 f"{tuple(p.shape)}, got {got}")
+            m = m.detach().to(device=p.device, dtype=torch.float32).contiguous()
+            bits = extra_bits(self.param_groups[gi], p)
+            splits.append((gi, p, (m, None) if p.dtype == torch.float32 else ops.master_split(m, p.dtype, bits)))
+        for gi, p, (weight, extra) in splits:
+            p.copy_(weight)
+            if extra is not None and extra.numel():
+                state = self._states.create(self.param_groups[gi], p, self.state[p])
+                state["extra"] = extra

@@ -30,6 +30,12 @@ def _register_fakes() -> None:
     def _master_weight(param, extra, extra_bits):
         return torch.empty_like(param, dtype=torch.float32)
 
+    @torch.library.register_fake("fusedwarm::master_split")
+    def _master_split(master, dtype, extra_bits):
+        extra_dtype = torch.int16 if extra_bits == 16 else torch.int8
+        extra = master.new_empty(master.shape if extra_bits else (0,), dtype=extra_dtype)
+        return torch.empty_like(master, dtype=dtype, memory_format=torch.contiguous_format), extra
+
     @torch.library.register_fake("fusedwarm::schedule_factors")
     def _schedule_factors(steps, beta2, *schedule):
         return steps.new_empty((*steps.shape, 4), dtype=torch.float32)

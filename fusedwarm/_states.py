@@ -16,6 +16,9 @@ import torch
 from torch import Tensor
 
 EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
+# The options that decide how a parameter's master and states are stored.
+STORAGE_OPTIONS = ("extra_bits", "state_dtype")
+DEFAULT_EXTRA_BITS = 16
 
 
 def extra_bits(group: dict[str, Any], p: Tensor) -> int:
@@ -61,8 +64,11 @@ class StateLayout:
         expected = self.expected(group, p)
         extra = state.get("extra")
         if (extra.dtype if isinstance(extra, Tensor) else None) != expected.get("extra"):
-            raise error(f"{what()}: extra_bits changed to {extra_bits(group, p)} after the first step; this is not "
-                        f"supported")
+            if p.dtype == torch.float32:
+                raise error(f"{what()}: state 'extra' belongs to a half-precision weight; float32 weights are "
+                            f"their own master and keep no extra bits")
+            raise error(f"{what()}: extra_bits changed to {extra_bits(group, p)} after the first step; change it "
+                        f"through state_dict() and load_state_dict() into an optimizer made with the new value")
         for name, dtype in expected.items():
             t = state.get(name)
             if t is None:

@@ -141,6 +141,42 @@ def check_group(opt: str, allowed_warmups: tuple[str, ...], check_hyper: Callabl
     check_warmup(opt, allowed_warmups, group)
 
 
+# torch.optim options that fusedwarm does not implement, and why; they must be off (False/None).
+UNSUPPORTED_TORCH_OPTIONS = {
+    "amsgrad": "AMSGrad's running maximum of the second moment is not implemented",
+    "capturable": "CUDA-graph capture of the fused step is not validated on a GPU yet",
+    "differentiable": "the fused step updates in place through a custom operator and is not differentiable",
+}
+# torch.optim's choice of implementation: fusedwarm always runs its own fused multi-tensor kernel.
+IMPLEMENTATION_OPTIONS = ("foreach", "fused")
+# Every torch.optim group key above, plus Adam's weight-decay flavour: none is kept in a fusedwarm group.
+TORCH_GROUP_KEYS = (*UNSUPPORTED_TORCH_OPTIONS, *IMPLEMENTATION_OPTIONS, "decoupled_weight_decay")
+
+
+def check_torch_options(opt: str, options: dict[str, Any], loading: bool = False) -> None:
+    """torch.optim options given to a constructor, or (``loading``) found in a loaded param group.
+
+    Options that would change the update (``amsgrad``, ``capturable``, ``differentiable``, Adam's
+    L2 weight decay) must be off. ``foreach``/``fused`` select torch's implementation: ``None`` or
+    ``True`` are what fusedwarm does anyway; ``False`` at construction asks for an implementation
+    fusedwarm does not have, while in a loaded checkpoint it only records how torch ran.
+    """
+    where = "the loaded state dict has" if loading else "got"
+    for name, why in UNSUPPORTED_TORCH_OPTIONS.items():
+        if options.get(name):
+            raise ValueError(f"{opt}: {where} {name}={options[name]!r}, which fusedwarm does not support: {why}. "
+                             f"Use {name}=False")
+    if options.get("decoupled_weight_decay") is False and options.get("weight_decay", 0) != 0:
+        raise ValueError(f"{opt}: {where} decoupled_weight_decay=False with weight_decay="
+                         f"{options['weight_decay']!r} (torch.optim.Adam's L2 penalty); fusedwarm.AdamW's weight "
+                         f"decay is decoupled, as torch.optim.AdamW's")
+    if not loading:
+        for name in IMPLEMENTATION_OPTIONS:
+            if options.get(name) is False:
+                raise ValueError(f"{opt}: {name}=False asks for torch's non-fused implementation; fusedwarm runs "
+                                 f"only its fused multi-tensor kernel (pass {name}=None or True)")
+
+
 def _is_dtensor(p: Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor

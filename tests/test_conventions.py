@@ -575,6 +575,19 @@ def test_default_seed_follows_torch_manual_seed(name):
     assert snapshots_differ(snap_a, snap_c)
 
 
+@opt_names
+def test_default_seed_draws_nothing_from_torch_generator(name):
+    """Swapping in a fusedwarm optimizer leaves later dropout masks and data order as they were."""
+    params = clone_params(rand_params([(torch.bfloat16, (16,))], seed=50))
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    first = new_opt(name, params, extra_bits=0).param_groups[0]["seed"]
+    assert torch.equal(torch.rand(4), expected)
+    # Made after other draws, an optimizer gets another stream.
+    assert new_opt(name, params, extra_bits=0).param_groups[0]["seed"] != first
+
+
 # ---- non-contiguous parameters -------------------------------------------------------------------------
 
 

@@ -31,10 +31,17 @@ class AdamW(FusedOptimizer):
         betas: coefficients of the gradient and squared-gradient running averages.
         eps: term added to the denominator.
         weight_decay: decoupled weight decay coefficient.
+        amsgrad, capturable, differentiable: accepted for ``torch.optim.AdamW``'s signature; fusedwarm
+            does not implement them, and ``True`` raises a ``ValueError`` saying why.
+        foreach, fused: ``torch.optim``'s choice of implementation; ``None`` or ``True`` (fusedwarm
+            always runs its fused multi-tensor kernel), ``False`` raises a ``ValueError``.
         maximize: maximize the objective instead of minimizing it.
-        extra_bits: 16, 8 or 0 low-order master bits kept per half-precision weight.
+        extra_bits: 16 (the default), 8 or 0 low-order master bits kept per half-precision weight.
         state_dtype: ``torch.float32``, ``torch.bfloat16`` or ``None`` (bfloat16 for half-precision
-            weights, float32 for float32 weights).
+            weights, float32 for float32 weights). ``extra_bits`` and ``state_dtype`` are the storage
+            options: given here (or in a param group), they also apply to a loaded checkpoint, whose
+            states are converted; left unset, a loaded checkpoint keeps its own (see
+            :meth:`load_state_dict`).
         seed: key of the stochastic-rounding random stream; drawn from torch's generator if None.
         backward_step: update each parameter inside ``backward()`` as soon as its gradient is
             complete, then free the gradient (Lewandowski & Kosson 2023); ``step()`` then only
@@ -85,9 +92,10 @@ class AdamW(FusedOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
         maximize: bool = False,
-        extra_bits: int = 16,
+        extra_bits: int | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",
@@ -103,7 +111,13 @@ class AdamW(FusedOptimizer):
         loss_scale: float | str | None = None,
         update_control: str | None = None,
         update_norm: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        _validation.check_torch_options("AdamW", dict(amsgrad=amsgrad, foreach=foreach, fused=fused,
+                                                      capturable=capturable, differentiable=differentiable))
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         extra_bits=extra_bits, state_dtype=state_dtype, seed=seed, arithmetic=arithmetic,
                         warmup=warmup, warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule,

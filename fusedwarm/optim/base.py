@@ -12,6 +12,7 @@ update rules themselves live in the kernels (``csrc/include/fusedwarm/update.cuh
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -24,12 +25,19 @@ from .. import _ops, _validation, backward, schedules
 from .._checkpoint import Checkpointing
 from .._reporting import Reporting
 from .._scaling import GradScaling
-from .._states import StateLayout, extra_bits
+from .._states import DEFAULT_EXTRA_BITS, STORAGE_OPTIONS, StateLayout, extra_bits
 
 
 def _default_seed() -> int:
-    """A seed drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeatable."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    """A seed derived from torch's global generator without drawing from it.
+
+    torch.optim's optimizers consume no random numbers, so swapping one for a fusedwarm optimizer
+    must not shift later dropout masks or data order: the generator's state is hashed, not advanced.
+    ``torch.manual_seed`` makes the seed repeatable, and optimizers made at different points of a
+    run (after other draws) get different streams.
+    """
+    state = torch.default_generator.get_state().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 2
 
 
 def _update_rows(control: str, p: Tensor) -> int:
@@ -53,6 +61,10 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any], *,
                  backward_step: bool = False, bucket_cap_mb: float = 25.0, max_grad_norm: float | None = None,
                  clip: str = "global", loss_scale: float | str | None = None) -> None:
+        # Storage options given here win over a loaded checkpoint's; unset ones follow it (_checkpoint).
+        storage_given = frozenset(k for k in STORAGE_OPTIONS if defaults[k] is not None)
+        if defaults["extra_bits"] is None:
+            defaults["extra_bits"] = DEFAULT_EXTRA_BITS
         _validation.check_storage(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
         _validation.check_driver(backward_step, bucket_cap_mb, max_grad_norm, clip, loss_scale)
         _validation.check_arithmetic(defaults.get("arithmetic", "ieee"))
@@ -62,7 +74,7 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
         if defaults["seed"] is None:
             defaults["seed"] = _default_seed()
         self._options = dict(backward_step=backward_step, bucket_cap_mb=bucket_cap_mb, max_grad_norm=max_grad_norm,
-                             clip=clip, loss_scale=loss_scale)
+                             clip=clip, loss_scale=loss_scale, storage_defaults=storage_given, storage_given=[])
         self._reset_runtime()
         super().__init__(params, defaults)
         _ops.load()
@@ -111,6 +123,8 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
             if "schedule" in param_group:
                 param_group = {**param_group, "schedule": schedules.as_dict(param_group["schedule"])}
             self._check_group_options(param_group)
+        # Before torch fills the defaults into the group: the storage options given for it.
+        given = self._options["storage_defaults"] | {k for k in STORAGE_OPTIONS if param_group.get(k) is not None}
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
@@ -124,6 +138,7 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
             if problem is not None:
                 self.param_groups.pop()
                 raise TypeError(f"{type(self).__name__}: {self._param_label(group, gi, i, p)} {problem}")
+        self._options["storage_given"].append(given)
         self._register_group(gi)
         if self._backward.attached:
             self._backward.attach()

@@ -52,7 +52,7 @@ class Lion(FusedOptimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
-        extra_bits: int = 16,
+        extra_bits: int | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",

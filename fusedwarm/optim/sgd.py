@@ -34,7 +34,8 @@ class SGD(FusedOptimizer):
             :class:`torch.optim.SGD`'s behaviour. ``"linear"`` (with ``warmup_steps``,
             ``warmup_start``) and ``"none"`` are supported.
         extra_bits, state_dtype, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
-            bucket_cap_mb, max_grad_norm, clip, loss_scale, update_control, update_norm: see :class:`AdamW`.
+            bucket_cap_mb, max_grad_norm, clip, loss_scale, update_control, update_norm, foreach, fused,
+            differentiable: see :class:`AdamW`.
     """
 
     _op_name = "sgd_"
@@ -52,7 +53,7 @@ class SGD(FusedOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
-        extra_bits: int = 16,
+        extra_bits: int | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",
@@ -67,7 +68,11 @@ class SGD(FusedOptimizer):
         loss_scale: float | str | None = None,
         update_control: str | None = None,
         update_norm: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
+        _validation.check_torch_options("SGD", dict(foreach=foreach, fused=fused, differentiable=differentiable))
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype,
                         seed=seed, arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
