@@ -85,6 +85,8 @@ class AdamW(FusedOptimizer):
     _hyper_names = ("beta1", "beta2", "eps", "weight_decay", "maximize")
     _warmups = _validation.WARMUPS
 
+    # The options every fused optimizer takes are spelled out in each constructor on purpose, as
+    # torch.optim does: help(), IDEs and inspect.signature show all of them.
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],

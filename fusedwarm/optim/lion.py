@@ -44,6 +44,8 @@ class Lion(FusedOptimizer):
     _hyper_names = ("beta1", "beta2", "weight_decay", "maximize")
     _warmups = ("untuned", "untuned-exp", "linear", "none")
 
+    # The options every fused optimizer takes are spelled out in each constructor on purpose, as
+    # torch.optim does: help(), IDEs and inspect.signature show all of them.
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],

@@ -43,6 +43,8 @@ class SGD(FusedOptimizer):
     _hyper_names = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
     _warmups = ("untuned", "linear", "none")
 
+    # The options every fused optimizer takes are spelled out in each constructor on purpose, as
+    # torch.optim does: help(), IDEs and inspect.signature show all of them.
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
