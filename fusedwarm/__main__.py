@@ -1,4 +1,7 @@
-"""Command line: ``python -m fusedwarm info`` and ``python -m fusedwarm build``."""
+"""Command line: ``python -m fusedwarm info`` and ``python -m fusedwarm build``.
+
+It only parses arguments and prints; building is :mod:`fusedwarm._build`'s.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ a CUDA GPU is visible and torch has CUDA, the CUDA) sources with
 ``torch.utils.cpp_extension`` and ninja into a cache directory whose name is a hash of the
 sources, the compile flags, and the torch, CUDA, Python and GPU-architecture versions. A file
 lock makes concurrent processes build once; later processes load the cached library directly.
+It defines no operator and no math: the sources and flags are :mod:`fusedwarm._sources`'s.
 """
 
 from __future__ import annotations

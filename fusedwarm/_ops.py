@@ -1,4 +1,8 @@
-"""Loads the compiled operators and registers their fake (meta) kernels for torch.compile."""
+"""Loads the compiled operators and registers their fake (meta) kernels for torch.compile.
+
+The fake kernels only describe outputs (shapes, dtypes) and never compute; the operators'
+schemas and kernels are ``csrc/ops.cpp``'s, and building is :mod:`fusedwarm._build`'s.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The extension's source list and compile flags: shared by the JIT build and setup.py (no torch import)."""
+"""The extension's source list and compile flags: shared by the JIT build and setup.py.
+
+Plain data read by setup.py without torch, so it imports nothing from torch or fusedwarm.
+"""
 
 import platform
 

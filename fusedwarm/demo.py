@@ -10,7 +10,8 @@ The fusedwarm run keeps no float32 copy of the weights: each bfloat16 weight car
 bits in an int16 tensor, which together *are* the float32 master weight (Lewandowski & Kosson
 2023, arXiv 2309.12381), and the Adam moments are bfloat16 with stochastic rounding. It should
 reach about the same loss while holding 8 bytes per parameter (weights + optimizer state)
-instead of 12.
+instead of 12. It is a demonstration, not a benchmark: the README's numbers come from
+``benchmarks/``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Piecewise-affine, multiplication-free arithmetic (layer 5 of DESIGN.md).
 
+The user-facing ops, their autograd formulas and :class:`Linear`; the bit-level rules run in the
+extension (``pam.cuh``), never here, and the independent float32 reference of the same ops is
+:mod:`fusedwarm.reference.pam`.
+
 Kosson & Jaggi 2023, *Multiplication-Free Transformer Training via Piecewise Affine Operations*
 (after Mogami 2020): a float32 multiply is replaced by one integer addition of the two bit
 patterns. With ``A``, ``B`` the magnitude bit patterns of ``a``, ``b`` read as integers:

@@ -19,6 +19,8 @@ CUDA graphs.
 
 Param groups store a schedule as a plain dict (:meth:`Constant.to_dict`), so optimizer state
 dicts stay loadable with ``torch.load(weights_only=True)``; :func:`from_dict` rebuilds the object.
+This module describes schedules and packs their operator arguments; it computes no factor
+itself (that is ``schedule.cuh``'s, read back by ``FusedOptimizer.last_factors``).
 """
 
 from __future__ import annotations
