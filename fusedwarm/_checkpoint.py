@@ -24,6 +24,7 @@ SAVED_EXTRA_BITS = {dtype: bits for bits, dtype in EXTRA_DTYPE.items()}
 class Checkpointing:
     """Mixin of :class:`fusedwarm.FusedOptimizer` (placed before :class:`torch.optim.Optimizer`)."""
 
+    @torch.compiler.disable  # as torch.optim.Optimizer's: run eagerly under torch.compile
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus ``"fusedwarm"``: the loss scale and lagged clipping scalars."""
         sd = super().state_dict()
@@ -51,6 +52,7 @@ class Checkpointing:
         if self.backward_step:
             self._backward.attach()
 
+    @torch.compiler.disable  # as torch.optim.Optimizer's: run eagerly under torch.compile
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict made by :meth:`state_dict` or by a ``torch.optim`` optimizer.
 
@@ -166,6 +168,7 @@ class Checkpointing:
             out["extra"] = extra
         return out, weight
 
+    @torch.compiler.disable  # as load_state_dict
     @torch.no_grad()
     def load_master_weights(self, masters: Iterable[Tensor] | Mapping[str, Tensor]) -> None:
         """Sets every parameter, and its extra bits, from float32 master weights.

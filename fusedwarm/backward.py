@@ -16,6 +16,15 @@ the end of ``backward()``, and its gradients are freed then. The result is bit-i
 called between two backward passes (a second gradient for an already-updated parameter raises an
 error rather than updating twice); ``accumulate()`` keeps gradients for micro-batches; ``close()``
 removes the hooks.
+
+Every callable handed to autograd or DDP (the post-accumulate-grad hook, the end-of-backward
+callback :meth:`BackwardStep.flush_all`, the DDP communication hook and its future's callback) is
+``torch.compiler.disable``d, as ``FusedOptimizer.step`` is: when ``backward()`` runs inside a
+compiled function, or under compiled autograd, dynamo would otherwise trace them, and it drops
+attribute assignments on the optimizer they update. Under compiled autograd each hook is therefore
+a graph break of the compiled backward and runs eagerly, updating full buckets as usual; but
+compiled autograd drops the end-of-backward callback, so the buckets still pending then (at most
+``bucket_cap_mb`` of gradients per (group, device, dtype)) are updated by ``step()``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._dynamo import compiled_autograd
+
+# The reason dynamo gives for the hooks' graph break, e.g. in a fullgraph=True error (README: torch.compile).
+_EAGER = "fusedwarm's backward_step hooks run eagerly: compile with fullgraph=False"
 
 # Parameters updated in the backward pass, and by which optimizer: id(p) -> (weakref to p,
 # weakref to the optimizer). A second optimizer over such a parameter would update it twice.
@@ -85,6 +98,7 @@ class BackwardStep:
                 _claim(p, opt)
                 self._claimed[id(p)] = p
 
+                @torch.compiler.disable(reason=_EAGER)
                 def hook(param: Tensor, ref=ref) -> None:
                     driver = ref()
                     if driver is not None:
@@ -130,8 +144,10 @@ class BackwardStep:
         self.check_ready(p, p.grad)
         opt._begin_iteration()
         opt._updated[id(p)] = p
+        # Compiled autograd drops callbacks queued from eager code (torch 2.13): there the buckets
+        # still pending at the end of backward wait for step(), which flushes them first.
         task = torch._C._current_graph_task_id()
-        if task != self._queued_task:
+        if task != self._queued_task and not compiled_autograd.in_compiled_autograd_region:
             self._queued_task = task
             torch.autograd.Variable._execution_engine.queue_callback(self.flush_all)
         key = (opt._index[id(p)][0], p.device, p.dtype)
@@ -147,6 +163,7 @@ class BackwardStep:
         for p in params:
             p.grad = None
 
+    @torch.compiler.disable(reason=_EAGER)
     @torch.no_grad()
     def flush_all(self) -> None:
         """Updates every bucket still pending (end of backward, and the start of step())."""
@@ -175,11 +192,13 @@ class BackwardStep:
 
         # No annotations: DDP checks them against dist.GradBucket and Future[Tensor], and with
         # `from __future__ import annotations` they would be strings and be rejected.
+        @torch.compiler.disable(reason=_EAGER)
         def comm_hook(process_group, bucket):
             group = process_group if process_group is not None else dist.group.WORLD
             world = dist.get_world_size(group)
             fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
 
+            @torch.compiler.disable(reason=_EAGER)
             def update(fut: torch.futures.Future[list[Tensor]]) -> Tensor:
                 buffer = fut.value()[0].div_(world)
                 driver = ref()

@@ -117,6 +117,7 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
 
     # ---- parameters -------------------------------------------------------------------------
 
+    @torch.compiler.disable  # as torch.optim.Optimizer's; it changes bookkeeping and hooks (see step())
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group, checking its parameters and options (see :class:`torch.optim.Optimizer`)."""
         if isinstance(param_group, dict):
@@ -180,6 +181,7 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
 
     # ---- step ---------------------------------------------------------------------------------
 
+    @torch.compiler.disable(reason="fusedwarm runs optimizer.step() eagerly (README: torch.compile)")
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Performs one optimization step, or with ``backward_step=True`` ends the iteration.
@@ -189,6 +191,15 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
         :meth:`accumulate`), frees the gradients, and closes the iteration: the lagged clipping
         coefficient and the dynamic loss scale are updated on the device, and the next backward
         may update every parameter again.
+
+        Under ``torch.compile`` this method always runs eagerly (``torch.compiler.disable``: one
+        deliberate graph break at ``opt.step()``). Its bookkeeping (which parameters the open
+        iteration updated, lazily created state, memos keyed by tensor ids) lives on the optimizer,
+        and dynamo does not replay attribute assignments made on a ``torch.optim.Optimizer``
+        inside a traced frame, so a traced step silently stopped updating after its first call.
+        Each group's update is one fused kernel call anyway, so tracing would save only Python
+        overhead, and it would add a recompilation per step for a float ``lr`` that a scheduler
+        changes.
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
@@ -332,6 +343,7 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
         """
         return self._backward.accumulate()
 
+    @torch.compiler.disable  # it changes bookkeeping and hooks (see step())
     def close(self) -> None:
         """Removes the backward hooks: autograd fills ``.grad`` again and :meth:`step` updates as usual.
 
