@@ -10,7 +10,8 @@ layouts (``_states``) or run updates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,13 +23,36 @@ SAVED_EXTRA_BITS = {dtype: bits for bits, dtype in EXTRA_DTYPE.items()}
 
 
 class Checkpointing:
-    """Mixin of :class:`fusedwarm.FusedOptimizer` (placed before :class:`torch.optim.Optimizer`)."""
+    """Mixin of :class:`fusedwarm.FusedOptimizer` (placed before :class:`torch.optim.Optimizer`).
+
+    Its ``state_dict`` and ``load_state_dict`` wrap torch's, and run torch's state-dict hooks
+    themselves, so that hooks see what torch's would: the whole state dict (``"fusedwarm"`` entry
+    included) after ``state_dict``, the caller's dict (which a pre hook may adapt) before a load, and
+    the loaded state after it.
+    """
+
+    @contextlib.contextmanager
+    def _torch_hooks_suspended(self, *names: str) -> Iterator[None]:
+        """Runs torch's method with the given hook tables empty; this class runs those hooks."""
+        saved = {name: getattr(self, name) for name in names}
+        try:
+            for name, hooks in saved.items():
+                setattr(self, name, type(hooks)())
+            yield
+        finally:
+            for name, hooks in saved.items():
+                setattr(self, name, hooks)
 
     @torch.compiler.disable  # as torch.optim.Optimizer's: run eagerly under torch.compile
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus ``"fusedwarm"``: the loss scale and lagged clipping scalars."""
-        sd = super().state_dict()
+        with self._torch_hooks_suspended("_optimizer_state_dict_post_hooks"):
+            sd = super().state_dict()
         sd["fusedwarm"] = {k: v.clone() for k, v in self._scalars().items() if v is not None}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def __getstate__(self) -> dict[str, Any]:
@@ -77,6 +101,11 @@ class Checkpointing:
           ``differentiable``, Adam's L2 weight decay) must be off; ``foreach``/``fused`` are dropped.
         """
         name = type(self).__name__
+        state_dict = state_dict.copy()  # shallow, as torch's: pre hooks may change it, not the caller's
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         scalars = state_dict.get("fusedwarm", {})
         for key, value in scalars.items():
             current = self._scalars().get(key, ...)
@@ -127,7 +156,9 @@ class Checkpointing:
             kept[key] = tensors
             if weight is not None:
                 weights.append((p, weight))
-        super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped})
+        with self._torch_hooks_suspended("_optimizer_load_state_dict_pre_hooks",
+                                         "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped})
         for key, tensors in kept.items():
             self.state[index_to_param[key][2]].update(tensors)
         with torch.no_grad():
@@ -135,6 +166,8 @@ class Checkpointing:
                 p.copy_(weight)
         for key, value in scalars.items():
             self._scalars()[key].copy_(value)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _convert_state(self, group: dict[str, Any], p: Tensor,
                        tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
