@@ -233,3 +233,45 @@ class BackwardStep:
             opt._launch(gi, ps, gs)
             for p in ps:
                 opt._updated[id(p)] = p
+
+
+class BackwardStepMethods:
+    """Mixin of :class:`fusedwarm.FusedOptimizer`: the public methods of the step in backward."""
+
+    def accumulate(self) -> contextlib.AbstractContextManager[None]:
+        """Keeps gradients instead of stepping, for gradient accumulation with ``backward_step=True``.
+
+        Inside the block, ``backward()`` accumulates into ``.grad`` as plain autograd does. The
+        next ``backward()`` outside the block adds its gradients and updates each parameter as
+        usual (so its result equals one step on the summed gradients); alternatively
+        :meth:`step` updates every parameter that holds a gradient. Scale each micro-batch's loss
+        (e.g. by ``1 / micro_batches``) as you would without fusedwarm.
+        """
+        return self._backward.accumulate()
+
+    @torch.compiler.disable  # it changes bookkeeping and hooks (see step())
+    def close(self) -> None:
+        """Removes the backward hooks: autograd fills ``.grad`` again and :meth:`step` updates as usual.
+
+        Pending buckets are flushed first. Calling it twice, or without ``backward_step``, is harmless.
+        """
+        self._backward.close()
+        self._options["backward_step"] = False
+
+    def register_ddp_comm_hook(self, ddp_model: torch.nn.Module) -> None:
+        """Runs the fused update on each DDP bucket right after its all-reduce.
+
+        For ``backward_step=True`` under :class:`torch.nn.parallel.DistributedDataParallel`: the
+        per-parameter hooks (which would see local, un-reduced gradients) are replaced by a DDP
+        communication hook that all-reduces a bucket, averages it, and updates the bucket's
+        parameters at once, so updates overlap the remaining communication. DDP keeps its own
+        bucket buffers (a full set of gradients), so under DDP the saving is time, not memory;
+        ``gradient_as_bucket_view=True`` at least avoids DDP's second copy in ``.grad``. After
+        :meth:`close` the hook only averages and :meth:`step` updates as usual.
+
+        Args:
+            ddp_model: the ``DistributedDataParallel`` module wrapping this optimizer's parameters.
+        """
+        if not self.backward_step:
+            raise RuntimeError(f"{type(self).__name__}.register_ddp_comm_hook needs backward_step=True")
+        self._backward.register_ddp_comm_hook(ddp_model)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -45,7 +44,7 @@ def _update_rows(control: str, p: Tensor) -> int:
     return p.shape[0] if control == "row" and p.dim() >= 2 and p.numel() > 0 else 1
 
 
-class FusedOptimizer(Checkpointing, Reporting, Optimizer):
+class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Optimizer):
     """Shared machinery of the fused optimizers; use :class:`AdamW`, :class:`SGD` or :class:`Lion`.
 
     Subclasses name their operator, the state tensors it updates and the hyperparameters it
@@ -192,14 +191,9 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
         coefficient and the dynamic loss scale are updated on the device, and the next backward
         may update every parameter again.
 
-        Under ``torch.compile`` this method always runs eagerly (``torch.compiler.disable``: one
-        deliberate graph break at ``opt.step()``). Its bookkeeping (which parameters the open
-        iteration updated, lazily created state, memos keyed by tensor ids) lives on the optimizer,
-        and dynamo does not replay attribute assignments made on a ``torch.optim.Optimizer``
-        inside a traced frame, so a traced step silently stopped updating after its first call.
-        Each group's update is one fused kernel call anyway, so tracing would save only Python
-        overhead, and it would add a recompilation per step for a float ``lr`` that a scheduler
-        changes.
+        Under ``torch.compile`` it always runs eagerly (one deliberate graph break): dynamo drops
+        attribute assignments made on a ``torch.optim.Optimizer`` in a traced frame, which once made
+        a traced step a silent no-op after its first call (README, "torch.compile").
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
@@ -329,43 +323,3 @@ class FusedOptimizer(Checkpointing, Reporting, Optimizer):
             return float(group["betas"][0 if name == "beta1" else 1])
         value = group[name]
         return value if isinstance(value, bool) else float(value)
-
-    # ---- step in the backward pass (fusedwarm.backward) ----------------------------------------
-
-    def accumulate(self) -> AbstractContextManager[None]:
-        """Keeps gradients instead of stepping, for gradient accumulation with ``backward_step=True``.
-
-        Inside the block, ``backward()`` accumulates into ``.grad`` as plain autograd does. The
-        next ``backward()`` outside the block adds its gradients and updates each parameter as
-        usual (so its result equals one step on the summed gradients); alternatively
-        :meth:`step` updates every parameter that holds a gradient. Scale each micro-batch's loss
-        (e.g. by ``1 / micro_batches``) as you would without fusedwarm.
-        """
-        return self._backward.accumulate()
-
-    @torch.compiler.disable  # it changes bookkeeping and hooks (see step())
-    def close(self) -> None:
-        """Removes the backward hooks: autograd fills ``.grad`` again and :meth:`step` updates as usual.
-
-        Pending buckets are flushed first. Calling it twice, or without ``backward_step``, is harmless.
-        """
-        self._backward.close()
-        self._options["backward_step"] = False
-
-    def register_ddp_comm_hook(self, ddp_model: torch.nn.Module) -> None:
-        """Runs the fused update on each DDP bucket right after its all-reduce.
-
-        For ``backward_step=True`` under :class:`torch.nn.parallel.DistributedDataParallel`: the
-        per-parameter hooks (which would see local, un-reduced gradients) are replaced by a DDP
-        communication hook that all-reduces a bucket, averages it, and updates the bucket's
-        parameters at once, so updates overlap the remaining communication. DDP keeps its own
-        bucket buffers (a full set of gradients), so under DDP the saving is time, not memory;
-        ``gradient_as_bucket_view=True`` at least avoids DDP's second copy in ``.grad``. After
-        :meth:`close` the hook only averages and :meth:`step` updates as usual.
-
-        Args:
-            ddp_model: the ``DistributedDataParallel`` module wrapping this optimizer's parameters.
-        """
-        if not self.backward_step:
-            raise RuntimeError(f"{type(self).__name__}.register_ddp_comm_hook needs backward_step=True")
-        self._backward.register_ddp_comm_hook(ddp_model)
