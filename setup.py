@@ -51,7 +51,7 @@ setup(
     name="fusedwarm",
     version="0.1.0",
     description="Fused half-precision-only optimizers (AdamW, SGD, Lion) for PyTorch, with a float32 reference",
-    packages=["fusedwarm", "fusedwarm.optim", "fusedwarm.reference"],
+    packages=["fusedwarm", "fusedwarm.optim", "fusedwarm.reference", "fusedwarm.trainers"],
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "ninja"],
     ext_modules=modules,

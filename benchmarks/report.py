@@ -1,6 +1,6 @@
 """Writes the committed benchmark results into README.md: the markdown tables that the benchmark
 scripts write next to their JSON (``MARKDOWN_BLOCKS``: step and training benchmarks, training loop, warmup
-experiment, PAM experiment) go between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``, so the
+experiment, PAM experiment, lagged clipping) go between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``, so the
 README's numbers always come from a result file. Without ``--update-readme`` it prints them."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ MARKDOWN_BLOCKS = {
     "train-loop-results": RESULTS / "train_loop_cpu.md",
     "warmup-experiment-results": RESULTS / "warmup_experiment.md",
     "pam-experiment-results": RESULTS / "pam_experiment.md",
+    "lagged-clipping-results": RESULTS / "lagged_clipping.md",
 }
 
 

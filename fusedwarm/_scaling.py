@@ -1,14 +1,16 @@
 """Gradient clipping and loss scaling, next to each other, with their device-side state.
 
 This module owns the loss scale (a constant, or dynamic with ``torch.amp.GradScaler``'s rule),
-the clipping coefficient (exact global norm, per tensor, or ``"lagged"``: the previous
-iteration's global norm) and the last global gradient norm, all 0-d device tensors updated on the
-device without host syncs, and turns them into the per-tensor gradient multipliers the fused
-kernels take. It reads gradients but never modifies parameters, gradients or optimizer states.
+the clipping coefficient (exact global norm, per tensor, ``"lagged"``: the previous iteration's
+global norm, or ``"lagged-tensor"``: that and each tensor's own norm) and the last global gradient
+norm, all 0-d device tensors updated on the device without host syncs, and turns them into the
+per-tensor gradient multipliers the fused kernels take. It reads gradients but never modifies
+parameters, gradients or optimizer states.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,7 +32,7 @@ class GradScaling:
 
     Args:
         max_grad_norm: the clipping threshold, or None for no clipping.
-        clip: ``"global"``, ``"tensor"`` or ``"lagged"`` (see :class:`fusedwarm.AdamW`).
+        clip: ``"global"``, ``"tensor"``, ``"lagged"`` or ``"lagged-tensor"`` (see :class:`fusedwarm.AdamW`).
         loss_scale: None, a constant, or ``"dynamic"``.
         device: where the scalars live (the device of the optimizer's first parameter).
     """
@@ -76,7 +78,7 @@ class GradScaling:
             # Summed in tensor order, not launch order: the same bits with and without backward_step.
             norm = torch.stack([self._sq_norms[k] for k in sorted(self._sq_norms)]).sum().sqrt()
             self.last_grad_norm = norm
-            if self.clip == "lagged":
+            if self.clip in ("lagged", "lagged-tensor"):
                 # A non-finite norm (skipped elements) keeps the previous coefficient.
                 coef = clip_coefficient(self.max_grad_norm, norm)
                 self.clip_coef = torch.where(torch.isfinite(norm), coef, self.clip_coef)
@@ -106,17 +108,28 @@ class GradScaling:
         return self._multipliers[device]
 
     def grad_scales(self, device: torch.device, ids: list[int], grads: list[Tensor],
-                    main: torch.device) -> Tensor | None:
-        """Per-tensor gradient multipliers for one launch (tensor ids ``ids``), or None for all 1."""
+                    main: torch.device, tensors: int) -> Tensor | None:
+        """Per-tensor gradient multipliers for one launch (tensor ids ``ids``), or None for all 1.
+
+        ``tensors`` is the number of tensors of the optimizer (``"lagged-tensor"``'s first iteration).
+        """
         m = self._multiplier(device)
         clip = self.clipping
-        if clip in ("tensor", "lagged"):
+        if clip in ("tensor", "lagged", "lagged-tensor"):
             norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
             if self.scale is not None:
                 norms = norms / self.scale.to(device)
             self._sq_norms.update(zip(ids, norms.square().to(main).unbind()))
-            if clip == "tensor":
+            if clip != "lagged":
                 coef = clip_coefficient(self.max_grad_norm, norms)
+                if clip == "lagged-tensor":
+                    # The lagged global coefficient cannot see a jump of this iteration's norm; a
+                    # tensor's own limit catches one that sits in few tensors. Until a finite
+                    # global norm is known (the first iteration, or after non-finite gradients),
+                    # max_grad_norm / sqrt(tensors) per tensor bounds the global norm by max_grad_norm.
+                    first = clip_coefficient(self.max_grad_norm, norms * math.sqrt(tensors))
+                    known = torch.isfinite(self.last_grad_norm).to(device)
+                    coef = torch.where(known, torch.minimum(coef, self.clip_coef.to(device)), first)
                 return coef if m is None else coef * m
         if m is None:
             return None

@@ -22,7 +22,7 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 ARITHMETICS = ("ieee", "pam")
 UPDATE_CONTROLS = (None, "tensor", "row", "rotational")
-CLIP_MODES = ("global", "tensor", "lagged")
+CLIP_MODES = ("global", "tensor", "lagged", "lagged-tensor")
 WARMUPS = ("untuned", "untuned-exp", "linear", "radam", "none")
 V_INITS = ("zero", "grad")
 
@@ -85,7 +85,8 @@ def check_driver(backward_step: Any, bucket_cap_mb: Any, max_grad_norm: Any, cli
             "backward_step=True updates each parameter as soon as its gradient is ready. Options: "
             "clip='tensor' clips each tensor by its own norm (exact, local); clip='lagged' scales the "
             "gradients by the coefficient of the previous iteration's global norm (summed on the device "
-            "during backward, no host sync); or backward_step=False for exact global clipping"
+            "during backward, no host sync); clip='lagged-tensor' also holds each tensor to its own "
+            "limit and bounds the first iteration; or backward_step=False for exact global clipping"
         )
     if loss_scale is not None and loss_scale != "dynamic" and (
             not _is_number(loss_scale) or not 0 < loss_scale < math.inf):

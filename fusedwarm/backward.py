@@ -87,7 +87,14 @@ class BackwardStep:
         self.attached = False
 
     def attach(self) -> None:
-        """Registers a post-accumulate-grad hook on every parameter that requires a gradient."""
+        """Registers a post-accumulate-grad hook on every parameter that requires a gradient.
+
+        It also installs :func:`fusedwarm.trainers.guard_clipping`: ``torch.nn.utils``' clipping
+        called after backward (as trainers do) would find no gradients and silently clip nothing.
+        """
+        from .trainers import guard_clipping  # imported here: fusedwarm.trainers imports the optimizers
+
+        guard_clipping()
         opt = self._opt()
         self.attached = True
         ref = weakref.ref(self)

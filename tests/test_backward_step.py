@@ -231,7 +231,7 @@ def test_step_updates_gradients_accumulated_without_a_final_backward():
 
 
 @opt_names
-@pytest.mark.parametrize("clip", ["tensor", "lagged"])
+@pytest.mark.parametrize("clip", ["tensor", "lagged", "lagged-tensor"])
 def test_clipping_modes_are_bit_identical_in_and_out_of_backward(name, clip):
     mode = MODES[2]
     runs = [train(name, mode, max_grad_norm=0.05, clip=clip, backward_step=bs, bucket_cap_mb=1e-3)
@@ -250,23 +250,30 @@ def _reference_clipped_training(clip: str, max_norm: float):
     """float32 weights, clipping done by hand with torch.nn.utils, then an unclipped fused step."""
     model = make_model(torch.float32)
     opt = new_opt("AdamW", model, MODES[2])
-    coef = 1.0
+    coef, known = 1.0, False
     for x, y in batches(ITERS, 1):
         loss_of(model, x, y).backward()
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         if clip == "global":
             torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:  # lagged: the previous iteration's coefficient
+        elif clip == "lagged":  # the previous iteration's coefficient
             for p in params:
                 p.grad.mul_(coef)
             coef = min(1.0, max_norm / (float(norm) + 1e-6))
+        else:  # lagged-tensor: that, never above a tensor's own; first iteration max_norm / sqrt(T) each
+            tensors = len(list(model.parameters()))
+            for p in params:
+                own = float(p.grad.norm())
+                limit = min(coef, max_norm / (own + 1e-6)) if known else max_norm / (own * tensors**0.5 + 1e-6)
+                p.grad.mul_(min(1.0, limit))
+            coef, known = min(1.0, max_norm / (float(norm) + 1e-6)), True
         opt.step()
         opt.zero_grad()
     return model
 
 
-@pytest.mark.parametrize("clip,backward_step", [("global", False), ("lagged", True)])
+@pytest.mark.parametrize("clip,backward_step", [("global", False), ("lagged", True), ("lagged-tensor", True)])
 def test_global_and_lagged_clipping_match_torch_clip_grad_norm(clip, backward_step):
     expected = _reference_clipped_training(clip, 0.05)
     model, _ = train("AdamW", MODES[2], max_grad_norm=0.05, clip=clip, backward_step=backward_step)

@@ -50,8 +50,10 @@ class AdamW(FusedOptimizer):
             dtype) until they hold this many MiB, then updated in one fused call.
         max_grad_norm: clip gradients to this norm (None: no clipping).
         clip: ``"global"`` (exact global norm, as ``torch.nn.utils.clip_grad_norm_``; not with
-            ``backward_step``), ``"tensor"`` (each tensor by its own norm) or ``"lagged"`` (the
-            global norm of the previous iteration, computed on the device).
+            ``backward_step``), ``"tensor"`` (each tensor by its own norm), ``"lagged"`` (the
+            global norm of the previous iteration, computed on the device) or ``"lagged-tensor"``
+            (the lagged coefficient, never above a tensor's own; the first iteration holds each
+            of the T tensors to ``max_grad_norm / sqrt(T)``).
         loss_scale: ``None``, a constant, or ``"dynamic"``: the gradients are divided by
             :attr:`loss_scale` inside the update (multiply the loss by it before backward).
         arithmetic: ``"ieee"`` (float32 operations) or ``"pam"``: every per-element multiply, divide

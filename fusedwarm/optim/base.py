@@ -298,7 +298,7 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
             group["seed"],
             *[self._hyper_value(group, n) for n in self._hyper_names],
             arithmetic=group.get("arithmetic", "ieee"),
-            grad_scales=self._scaling.grad_scales(device, ids, grads, self._main_device()),
+            grad_scales=self._scaling.grad_scales(device, ids, grads, self._main_device(), len(self._ids)),
             nonfinite=skipped,
             **self._schedule_args(group),
             **controls,
