@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import _ops, _validation
 from ._states import EXTRA_DTYPE, extra_bits
+
 SAVED_EXTRA_BITS = {dtype: bits for bits, dtype in EXTRA_DTYPE.items()}
 
 
