@@ -84,6 +84,30 @@ def test_clipping_consumed_gradients_is_refused_not_silently_skipped():
     assert all(same_bits(p.grad, q.grad) for p, q in zip(guarded.parameters(), unguarded.parameters()))
 
 
+def test_grad_scaler_with_backward_step_is_refused():
+    """GradScaler would unscale gradients the backward pass already applied, scaled: it must not pass silently."""
+    x, y = regression_data(16)
+    model = mlp(0)
+    opt = fusedwarm.SGD(model.parameters(), lr=1e-2, momentum=0.9, backward_step=True)  # installs the guard
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(mse(model, x, y)).backward()
+    with pytest.raises(RuntimeError, match=r"GradScaler with fusedwarm.SGD\(backward_step=True\).*loss_scale='dynamic'"):
+        scaler.step(opt)
+    # A disabled scaler steps as usual.
+    torch.amp.GradScaler("cpu", enabled=False).step(opt)
+    # Other optimizers step under the guard exactly as without it.
+    weights = []
+    for guarded in (True, False):
+        trainers.guard_clipping(guarded)
+        m = mlp(1)
+        sgd = torch.optim.SGD(m.parameters(), lr=1e-2)
+        s = torch.amp.GradScaler("cpu")
+        s.scale(mse(m, x, y)).backward()
+        s.step(sgd)
+        weights.append([p.detach().clone() for p in m.parameters()])
+    assert all(same_bits(a, b) for a, b in zip(*weights))
+
+
 def test_clipping_gradients_kept_by_accumulate_is_allowed_and_applied():
     # accumulate() keeps the gradients for step(): clip then step equals backward_step=False.
     x, y = regression_data(16)

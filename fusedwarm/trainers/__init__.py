@@ -142,6 +142,22 @@ def _guarded_clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value:
     torch.nn.utils.clip_grad.clip_grad_value_(params, clip_value, foreach)
 
 
+_TORCH_UNSCALE = torch.amp.GradScaler.unscale_
+
+
+def _guarded_unscale_(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """``torch.amp.GradScaler.unscale_``, refusing an optimizer that updated in the backward pass."""
+    consumers = [opt for opt in fused_optimizers(optimizer) if opt.backward_step]
+    if consumers and scaler.is_enabled():
+        names = "/".join(sorted({f"fusedwarm.{type(opt).__name__}" for opt in consumers}))
+        raise RuntimeError(
+            f"torch.amp.GradScaler with {names}(backward_step=True): the last backward() already applied its "
+            f"gradients, still multiplied by the loss scale, before GradScaler could unscale them. Use the "
+            f"optimizer's own loss scaling instead ({names}(..., loss_scale='dynamic'); multiply the loss by "
+            f"opt.loss_scale), or backward_step=False with GradScaler.")
+    _TORCH_UNSCALE(scaler, optimizer)
+
+
 def guard_clipping(enabled: bool = True) -> None:
     """Makes ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` refuse consumed gradients.
 
@@ -152,7 +168,11 @@ def guard_clipping(enabled: bool = True) -> None:
     ``max_grad_norm``/``clip`` to use instead, and a pure norm query (``max_norm=inf``, which
     ``transformers.Trainer`` makes to log ``grad_norm``) warns and returns nan instead of 0.0.
     Parameters that still hold gradients (kept by ``opt.accumulate()`` for ``opt.step()``) are
-    clipped as usual. The framework adapters of this package call it; calling it twice is harmless.
+    clipped as usual. ``torch.amp.GradScaler.unscale_`` (which ``scaler.step(opt)`` calls) likewise
+    raises for such an optimizer: the scaled gradients were applied during backward, so the
+    first iteration is reported instead of every later one being silently wrong. The optimizer
+    installs the guard when it attaches its backward hooks, and so do the framework adapters;
+    calling it twice is harmless.
 
     Args:
         enabled: True installs the wrappers, False puts torch's functions back.
@@ -160,6 +180,7 @@ def guard_clipping(enabled: bool = True) -> None:
     clip = torch.nn.utils.clip_grad
     torch.nn.utils.clip_grad_norm_ = _guarded_clip_grad_norm_ if enabled else clip.clip_grad_norm_
     torch.nn.utils.clip_grad_value_ = _guarded_clip_grad_value_ if enabled else clip.clip_grad_value_
+    torch.amp.GradScaler.unscale_ = _guarded_unscale_ if enabled else _TORCH_UNSCALE
 
 
 # ---- gradient accumulation -----------------------------------------------------------------------
