@@ -5,7 +5,14 @@
 #pragma once
 #include "step_args.h"
 
+namespace torch {
+class Library;
+}
+
 namespace fusedwarm {
+
+// Defines the schemas of every fusedwarm op in `m` (ops_common.cpp).
+void define_ops(torch::Library& m);
 
 StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::TensorList extras,
                           std::vector<at::TensorList> states, at::TensorList steps, at::IntArrayRef tensor_ids,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ._sources import CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, HEADER_SUFFIXES, LD_FLAGS
+from ._sources import CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, EMU_FLAGS, EMU_SOURCES, HEADER_SUFFIXES, LD_FLAGS
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc" if (ROOT / "csrc").is_dir() else ROOT.parent / "csrc"
@@ -30,7 +30,7 @@ CSRC = ROOT / "csrc" if (ROOT / "csrc").is_dir() else ROOT.parent / "csrc"
 AOT_GLOB = "_C*.so"  # a library built ahead of time by setup.py (FUSEDWARM_BUILD_EXT=1)
 
 _lock = threading.Lock()
-_loaded: str | None = None
+_loaded: set[str] = set()
 
 
 class BuildError(RuntimeError):
@@ -41,7 +41,7 @@ class BuildError(RuntimeError):
 class BuildConfig:
     """What a build is for: the backend, the CUDA architectures, and where the cache lives."""
 
-    backend: str  # "cpu" or "cuda"
+    backend: str  # "cpu", "cuda", or "emu" (the emulated CUDA device's library)
     arch_list: str  # TORCH_CUDA_ARCH_LIST used for the build ("" for cpu)
     sources: tuple[Path, ...]
     key: str
@@ -97,8 +97,19 @@ def _cpu_flags() -> str:
 
 def source_files(backend: str) -> tuple[Path, ...]:
     """The translation units of a build, as absolute paths."""
-    names = CPU_SOURCES + (CUDA_SOURCES if backend == "cuda" else ())
+    names = EMU_SOURCES if backend == "emu" else CPU_SOURCES + (CUDA_SOURCES if backend == "cuda" else ())
     return tuple(CSRC / n for n in names)
+
+
+def _cxx_flags(backend: str) -> tuple[str, ...]:
+    if backend == "emu":
+        return EMU_FLAGS
+    return CXX_FLAGS + (("-DFUSEDWARM_WITH_CUDA",) if backend == "cuda" else ())
+
+
+def _include_dirs(backend: str) -> list[str]:
+    # The emulator's CUDA shim comes first, so that <cuda_runtime.h> names it in that build only.
+    return ([str(CSRC / "emu")] if backend == "emu" else []) + [str(CSRC / "include"), str(CSRC)]
 
 
 def _hash_inputs(sources: tuple[Path, ...], backend: str, arch_list: str) -> str:
@@ -108,14 +119,14 @@ def _hash_inputs(sources: tuple[Path, ...], backend: str, arch_list: str) -> str
         h.update(str(path.relative_to(CSRC)).encode())
         h.update(path.read_bytes())
     for part in (torch.__version__, str(torch.version.cuda), sys.version, platform.machine(), _cpu_flags(), backend,
-                 arch_list, CXX_FLAGS, CUDA_FLAGS, LD_FLAGS):
+                 arch_list, _cxx_flags(backend), CUDA_FLAGS, LD_FLAGS):
         h.update(repr(part).encode())
     return h.hexdigest()
 
 
-def config() -> BuildConfig:
-    """The build this process would use (it computes the cache key; it does not build)."""
-    backend = "cuda" if cuda_wanted() else "cpu"
+def config(backend: str | None = None) -> BuildConfig:
+    """The build this process would use, or the given backend's (it computes the cache key; it does not build)."""
+    backend = backend or ("cuda" if cuda_wanted() else "cpu")
     arch_list = _arch_list() if backend == "cuda" else ""
     sources = source_files(backend)
     missing = [str(p) for p in sources if not p.is_file()]
@@ -165,13 +176,24 @@ def build(verbose: bool = False) -> BuildConfig | None:
     Returns:
         The JIT build's configuration, or None when an ahead-of-time library was loaded.
     """
-    global _loaded
     aot = aot_library()
     cfg = None if aot is not None else config()
+    _load(cfg, aot, verbose)
+    return cfg
+
+
+def build_emulator(verbose: bool = False) -> BuildConfig:
+    """Builds (if needed) and loads the emulated CUDA device's library (ops ``torch.ops.fusedwarm_emu``)."""
+    cfg = config("emu")
+    _load(cfg, None, verbose)
+    return cfg
+
+
+def _load(cfg: BuildConfig | None, aot: Path | None, verbose: bool) -> None:
     library = aot if cfg is None else cfg.library
     with _lock:
-        if _loaded == str(library):
-            return cfg
+        if str(library) in _loaded:
+            return
         if cfg is not None and not cfg.ready:
             _check_tools(cfg)
             cfg.directory.mkdir(parents=True, exist_ok=True)
@@ -183,14 +205,12 @@ def build(verbose: bool = False) -> BuildConfig | None:
                 finally:
                     fcntl.flock(lock_file, fcntl.LOCK_UN)
         torch.ops.load_library(str(library))
-        _loaded = str(library)
-    return cfg
+        _loaded.add(str(library))
 
 
 def _compile(cfg: BuildConfig, verbose: bool) -> None:
     from torch.utils import cpp_extension
 
-    include = str(CSRC / "include")
     env_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if cfg.backend == "cuda":
         os.environ["TORCH_CUDA_ARCH_LIST"] = cfg.arch_list
@@ -198,10 +218,10 @@ def _compile(cfg: BuildConfig, verbose: bool) -> None:
         cpp_extension.load(
             name=cfg.name,
             sources=[str(p) for p in cfg.sources],
-            extra_cflags=list(CXX_FLAGS) + (["-DFUSEDWARM_WITH_CUDA"] if cfg.backend == "cuda" else []),
+            extra_cflags=list(_cxx_flags(cfg.backend)),
             extra_cuda_cflags=list(CUDA_FLAGS),
-            extra_ldflags=list(LD_FLAGS),
-            extra_include_paths=[include, str(CSRC)],
+            extra_ldflags=[] if cfg.backend == "emu" else list(LD_FLAGS),
+            extra_include_paths=_include_dirs(cfg.backend),
             build_directory=str(cfg.directory),
             with_cuda=cfg.backend == "cuda",
             is_python_module=False,

@@ -5,10 +5,16 @@ Plain data read by setup.py without torch, so it imports nothing from torch or f
 
 import platform
 
-CPU_SOURCES = ("ops.cpp", "cpu/step_cpu_adamw.cpp", "cpu/step_cpu_sgd.cpp", "cpu/step_cpu_lion.cpp",
+CPU_SOURCES = ("ops.cpp", "ops_common.cpp", "cpu/step_cpu_adamw.cpp", "cpu/step_cpu_sgd.cpp", "cpu/step_cpu_lion.cpp",
                "cpu/pam_cpu.cpp")
-CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/step_kernels.cu", "cuda/pam_cuda.cpp", "cuda/pam_kernels.cu")
-HEADER_SUFFIXES = (".h", ".cuh")
+CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/step_kernels_adamw.cu", "cuda/step_kernels_sgd.cu",
+                "cuda/step_kernels_lion.cu", "cuda/schedule_kernels.cu", "cuda/pam_kernels.cu")
+# The emulated CUDA device (csrc/emu): the CUDA backend's host path and kernel files, compiled by
+# g++ against a CUDA shim into a library of its own (ops namespace fusedwarm_emu), built only
+# when something asks for it (fusedwarm.emulator, the tests).
+EMU_SOURCES = ("ops_common.cpp", "emu/ops_emu.cpp", "emu/runtime.cpp", "emu/step_kernels_adamw.cpp",
+               "emu/step_kernels_sgd.cpp", "emu/step_kernels_lion.cpp", "emu/other_kernels.cpp")
+HEADER_SUFFIXES = (".h", ".cuh", ".cu")
 
 # -ffp-contract=off / --fmad=false: no fused multiply-add that one backend would do and the other
 # not (DESIGN.md: backends agree bit for bit). No fast-math anywhere; -fno-math-errno only lets
@@ -22,3 +28,8 @@ CXX_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-f
     ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
 CUDA_FLAGS = ("-O3", "--fmad=false", "-lineinfo")
 LD_FLAGS = ("-fopenmp",)
+# The emulator's kernels follow the same floating-point rules (no contraction, no fast-math); they
+# need not be fast, so no -march=native and -O1 for a shorter build. The vector loads read
+# halves and floats as uint4 words, as CUDA code does: -fno-strict-aliasing keeps g++ from
+# assuming they cannot alias.
+EMU_FLAGS = ("-O1", "-ffp-contract=off", "-fno-strict-aliasing")

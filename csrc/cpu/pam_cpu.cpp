@@ -39,7 +39,8 @@ void PamCpu::elementwise(fw::PamOp op, const at::Tensor& a, const at::Tensor& b,
 }
 
 // C[i, j] = (((0 + PAM(A[i,0], B[0,j])) + PAM(A[i,1], B[1,j])) + ...): strictly sequential over k,
-// the order the CUDA kernel uses too, so the two agree bit for bit. The loop order i, k, j keeps
+// the order the CUDA kernel uses too, so the two agree bit for bit (a NaN sum stored as the
+// canonical NaN). The loop order i, k, j keeps
 // that order for every (i, j) while the inner loop runs over contiguous rows of B and C.
 void PamCpu::matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
@@ -57,6 +58,7 @@ void PamCpu::matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) c[j] = c[j] + fw::pam_mul(aik, brow[j]);
       }
+      for (int64_t j = 0; j < N; ++j) c[j] = fw::canonical_nan(c[j]);
     }
   });
 }

@@ -2,6 +2,7 @@
 // arithmetic is fw::pam_* (pam.cuh) and IEEE additions with __fadd_rn (no contraction).
 #include <cuda_runtime.h>
 
+#include "launch.cuh"
 #include "pam_kernels.h"
 
 namespace fusedwarm {
@@ -24,33 +25,37 @@ template <fw::PamOp Op>
 cudaError_t launch_elementwise_typed(const float* a, const float* b, float* out, int64_t n, cudaStream_t stream) {
   const int64_t blocks_needed = (n + kElemThreads - 1) / kElemThreads;
   const unsigned int blocks = static_cast<unsigned int>(blocks_needed < 65535 ? blocks_needed : 65535);
-  pam_elementwise_kernel<Op><<<blocks, kElemThreads, 0, stream>>>(a, b, out, n);
-  return cudaGetLastError();
+  return launch(pam_elementwise_kernel<Op>, dim3(blocks), dim3(kElemThreads), stream, a, b, out, n);
 }
 
-// Block (bx, by) computes the kTileDim x kTileDim tile of C at rows by*kTileDim, columns
-// bx*kTileDim; A and B pass through shared memory one kTileDim-wide slab of k at a time, and each
-// thread adds its products in increasing k, so the sum order is the CPU backend's.
+// Block (bx, by) computes the kTileDim x kTileDim tiles of C at rows bx*kTileDim and columns
+// (by + j gridDim.y)*kTileDim for j = 0, 1, ...: rows on grid.x (up to 2^31 - 1 tiles), columns
+// on grid.y (at most 65535 blocks, each looping over its column tiles). A and B pass through
+// shared memory one kTileDim-wide slab of k at a time, and each thread adds its products in
+// increasing k, so the sum order is the CPU backend's; a NaN sum is stored as the canonical NaN.
 __global__ void __launch_bounds__(kTileDim* kTileDim)
     pam_matmul_kernel(const float* __restrict a, const float* __restrict b, float* __restrict c, int64_t m,
                       int64_t k, int64_t n) {
   __shared__ float as[kTileDim][kTileDim];
   __shared__ float bs[kTileDim][kTileDim + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t row = static_cast<int64_t>(blockIdx.y) * kTileDim + ty;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kTileDim + tx;
-  float acc = 0.0f;
-  for (int64_t k0 = 0; k0 < k; k0 += kTileDim) {
-    const int64_t ka = k0 + tx, kb = k0 + ty;
-    as[ty][tx] = (row < m && ka < k) ? a[row * k + ka] : 0.0f;
-    bs[ty][tx] = (kb < k && col < n) ? b[kb * n + col] : 0.0f;
-    __syncthreads();
-    const int64_t left = k - k0;
-    const int steps = left < kTileDim ? static_cast<int>(left) : kTileDim;
-    for (int kk = 0; kk < steps; ++kk) acc = __fadd_rn(acc, fw::pam_mul(as[ty][kk], bs[kk][tx]));
-    __syncthreads();
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kTileDim + ty;
+  for (int64_t col0 = static_cast<int64_t>(blockIdx.y) * kTileDim; col0 < n;
+       col0 += static_cast<int64_t>(gridDim.y) * kTileDim) {
+    const int64_t col = col0 + tx;
+    float acc = 0.0f;
+    for (int64_t k0 = 0; k0 < k; k0 += kTileDim) {
+      const int64_t ka = k0 + tx, kb = k0 + ty;
+      as[ty][tx] = (row < m && ka < k) ? a[row * k + ka] : 0.0f;
+      bs[ty][tx] = (kb < k && col < n) ? b[kb * n + col] : 0.0f;
+      __syncthreads();
+      const int64_t left = k - k0;
+      const int steps = left < kTileDim ? static_cast<int>(left) : kTileDim;
+      for (int kk = 0; kk < steps; ++kk) acc = __fadd_rn(acc, fw::pam_mul(as[ty][kk], bs[kk][tx]));
+      __syncthreads();
+    }
+    if (row < m && col < n) c[row * n + col] = fw::canonical_nan(acc);
   }
-  if (row < m && col < n) c[row * n + col] = acc;
 }
 
 }  // namespace
@@ -71,12 +76,9 @@ cudaError_t launch_pam_elementwise(fw::PamOp op, const float* a, const float* b,
 cudaError_t launch_pam_matmul(const float* a, const float* b, float* c, int64_t m, int64_t k, int64_t n,
                               cudaStream_t stream) {
   if (m == 0 || n == 0) return cudaSuccess;
-  const int64_t gx = (n + kTileDim - 1) / kTileDim, gy = (m + kTileDim - 1) / kTileDim;
-  if (gy > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned int>(gx), static_cast<unsigned int>(gy));
-  const dim3 block(kTileDim, kTileDim);
-  pam_matmul_kernel<<<grid, block, 0, stream>>>(a, b, c, m, k, n);
-  return cudaGetLastError();
+  const int64_t row_tiles = (m + kTileDim - 1) / kTileDim, col_tiles = (n + kTileDim - 1) / kTileDim;
+  const dim3 grid(static_cast<unsigned int>(row_tiles), static_cast<unsigned int>(col_tiles < 65535 ? col_tiles : 65535));
+  return launch(pam_matmul_kernel, grid, dim3(kTileDim, kTileDim), stream, a, b, c, m, k, n);
 }
 
 }  // namespace gpu

@@ -43,7 +43,7 @@ using F16Format = HalfFormat<5, 10>;
 
 // Stochastic rounding in fp32's own exponent range (encode_magnitude with EB == 8), on a whole
 // fp32 pattern b, sign included: b with its 23 - N low mantissa bits dropped (subnormals
-// included), sign at bit 31 - (23 - N), NaN as the canonical NaN with b's sign. A finite input
+// included), sign at bit 31 - (23 - N), NaN as the canonical NaN (config.cuh). A finite input
 // rounds at most to the infinity pattern (the added bits are below 2^(23 - N)) and infinity stays
 // itself, so only NaN needs a select; and below NaN nothing carries from the magnitude (at most
 // 0x7F800000) into the sign, so for a signed b this is sign | encode_magnitude<8, N>(|b|) in
@@ -52,7 +52,7 @@ template <int N>
 FW_HD uint32_t round_pattern_sr(uint32_t b, uint32_t rnd) {
   constexpr int kDrop = 23 - N;
   const float f = bits_float(b);  // NaN tested as a float: one vector compare
-  const uint32_t c = f != f ? (b & 0x80000000u) | 0x7FC00000u : b;
+  const uint32_t c = f != f ? kCanonicalNaN : b;
   return kDrop == 0 ? c : (c + (rnd >> ((32 - kDrop) & 31))) >> kDrop;
 }
 
@@ -114,7 +114,7 @@ FW_HD float decode_magnitude(uint32_t x) {
 // fp32's top half, rounded by round_pattern_sr).
 template <class F>
 FW_HD uint16_t half_bits_from_float_sr(float x, uint32_t rnd) {
-  const uint32_t b = float_bits(x);
+  const uint32_t b = float_bits(canonical_nan(x));
   if (F::EB == 8 && F::MB == 7) return static_cast<uint16_t>(round_pattern_sr<F::MB>(b, rnd));
   return static_cast<uint16_t>(((b >> 16) & 0x8000u) | encode_magnitude<F::EB, F::MB>(b & 0x7FFFFFFFu, rnd));
 }
@@ -159,7 +159,7 @@ struct MasterCodec {
 
   // Writes the master `v` as visible weight w and extra bits e (NaN as the canonical NaN).
   static FW_HD void encode(float v, uint32_t rnd, uint16_t& w, int32_t& e) {
-    const uint32_t b = float_bits(v);
+    const uint32_t b = float_bits(canonical_nan(v));
     if (kBF16) {
       w = static_cast<uint16_t>(split(round_pattern_sr<N>(b, rnd), e));
       return;

@@ -50,4 +50,12 @@ FW_HD float bits_float(uint32_t b) {
 
 FW_HD bool is_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
 
+// The one NaN every backend stores: the positive quiet NaN. Arithmetic that yields NaN differs in
+// the bits between processors (a GPU writes 0x7FFFFFFF, x86 0xFFC00000 for inf - inf or 0 * inf,
+// and passes an input NaN's payload through), so every store of a computed value goes through
+// canonical_nan, and the backends agree bit for bit on NaN too.
+constexpr uint32_t kCanonicalNaN = 0x7FC00000u;
+
+FW_HD float canonical_nan(float x) { return x != x ? bits_float(kCanonicalNaN) : x; }
+
 }  // namespace fw

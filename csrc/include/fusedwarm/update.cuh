@@ -41,7 +41,7 @@ struct ParamF32 {
   static FW_HD float load(float w, int32_t) {
     return w;
   }
-  static FW_HD void store(float v, uint32_t, float& w, int32_t&) { w = v; }
+  static FW_HD void store(float v, uint32_t, float& w, int32_t&) { w = canonical_nan(v); }
 };
 
 // A bfloat16 / float16 weight with K in {0, 8, 16} extra bits (see bits.cuh).
@@ -72,7 +72,7 @@ struct StateF32 {
   static constexpr bool kLossy = false;
   static constexpr int kRandomBits = 0;
   static FW_HD float load(float s) { return s; }
-  static FW_HD float store(float v, uint32_t) { return v; }
+  static FW_HD float store(float v, uint32_t) { return canonical_nan(v); }
 };
 
 // bfloat16 optimizer state, written with stochastic rounding so that EMAs with small (1 - beta)

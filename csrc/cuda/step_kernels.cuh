@@ -1,13 +1,17 @@
-// CUDA backend (layer 2 of DESIGN.md): the multi-tensor step kernel.
+// CUDA backend (layer 2 of DESIGN.md): the multi-tensor step kernel, as templates. Each
+// step_kernels_<rule>.cu instantiates one rule's variants (so a build compiles them in parallel);
+// the emulated device (csrc/emu) compiles those same files with g++.
 //
 // It only moves data. Every value it writes comes from fw::update_element, the function the CPU
 // backend calls, with the per-tensor scalars computed by the same Rule::scalars from the same lr
 // and step, and random bits keyed by (seed, tensor, step, element) only; so the two backends
 // agree bit for bit whatever the grid, block or vector layout.
+#pragma once
 #include <cuda_runtime.h>
 
 #include <type_traits>
 
+#include "launch.cuh"
 #include "step_kernels.h"
 
 namespace fusedwarm {
@@ -250,21 +254,19 @@ __global__ void __launch_bounds__(kThreads) row_coefficients_kernel(const Launch
   t.row_coef[row] = fw::row_coefficients(a.control, fw::effective_lr(hyper.schedule, lr, *t.step), sums);
 }
 
-int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
+inline unsigned int blocks_for(int64_t threads) { return static_cast<unsigned int>((threads + kThreads - 1) / kThreads); }
 
 }  // namespace
 
 template <class Rule, class P, class S, class M>
 cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hyper, cudaStream_t stream) {
   if (args.num_tiles == 0) return cudaSuccess;
+  const dim3 block(kThreads);
   if (args.num_rows > 0) {
-    norm_chunks_kernel<Rule, P, S, M>
-        <<<static_cast<unsigned int>(blocks_for(args.num_chunks)), kThreads, 0, stream>>>(args, hyper);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = launch(norm_chunks_kernel<Rule, P, S, M>, dim3(blocks_for(args.num_chunks)), block, stream,
+                             args, hyper);
     if (err != cudaSuccess) return err;
-    row_coefficients_kernel<Rule>
-        <<<static_cast<unsigned int>(blocks_for(args.num_rows)), kThreads, 0, stream>>>(args, hyper);
-    err = cudaGetLastError();
+    err = launch(row_coefficients_kernel<Rule>, dim3(blocks_for(args.num_rows)), block, stream, args, hyper);
     if (err != cudaSuccess) return err;
   }
   const auto kernel = step_kernel<Rule, P, S, M>;
@@ -277,64 +279,33 @@ cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hype
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   const int64_t grid = args.num_tiles < resident ? args.num_tiles : resident;
-  kernel<<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(args, hyper);
-  return cudaGetLastError();
+  return launch(kernel, dim3(static_cast<unsigned int>(grid)), block, stream, args, hyper);
 }
 
-namespace {
-
-__global__ void schedule_factors_kernel(const int64_t* steps, int64_t n, const fw::Schedule schedule, float* out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const fw::Factors f = fw::factors(schedule, steps[i]);
-  out[4 * i] = f.warmup;
-  out[4 * i + 1] = f.schedule;
-  out[4 * i + 2] = f.lr;
-  out[4 * i + 3] = f.adaptive;
-}
-
-}  // namespace
-
-cudaError_t launch_schedule_factors(const int64_t* steps, int64_t n, const fw::Schedule& schedule, float* out,
-                                    cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  schedule_factors_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(steps, n, schedule, out);
-  return cudaGetLastError();
-}
-
-namespace {
+// Every variant of one rule, for the step_kernels_<rule>.cu files (inside namespace gpu).
+namespace variants {
 using Bf16K0 = fw::ParamHalf<fw::BF16Format, 0>;
 using Bf16K8 = fw::ParamHalf<fw::BF16Format, 8>;
 using Bf16K16 = fw::ParamHalf<fw::BF16Format, 16>;
 using F16K0 = fw::ParamHalf<fw::F16Format, 0>;
 using F16K8 = fw::ParamHalf<fw::F16Format, 8>;
 using F16K16 = fw::ParamHalf<fw::F16Format, 16>;
-}  // namespace
+}  // namespace variants
 
-#define FW_INSTANTIATE(Rule, P, S)                                                                   \
+#define FW_INSTANTIATE(Rule, P, S)                                                                             \
   template cudaError_t launch_step<Rule, P, S, fw::Ieee>(const LaunchArgs&, const Rule::Hyper&, cudaStream_t); \
   template cudaError_t launch_step<Rule, P, S, fw::Pam>(const LaunchArgs&, const Rule::Hyper&, cudaStream_t);
 #define FW_INSTANTIATE_STATES(Rule, P)   \
-  FW_INSTANTIATE(Rule, P, fw::StateF32) \
+  FW_INSTANTIATE(Rule, P, fw::StateF32)  \
   FW_INSTANTIATE(Rule, P, fw::StateBF16)
-#define FW_INSTANTIATE_RULE(Rule)             \
-  FW_INSTANTIATE_STATES(Rule, fw::ParamF32) \
-  FW_INSTANTIATE_STATES(Rule, Bf16K0)       \
-  FW_INSTANTIATE_STATES(Rule, Bf16K8)       \
-  FW_INSTANTIATE_STATES(Rule, Bf16K16)      \
-  FW_INSTANTIATE_STATES(Rule, F16K0)        \
-  FW_INSTANTIATE_STATES(Rule, F16K8)        \
-  FW_INSTANTIATE_STATES(Rule, F16K16)
-
-FW_INSTANTIATE_RULE(fw::AdamW)
-FW_INSTANTIATE_RULE(fw::SGD)
-FW_INSTANTIATE_RULE(fw::SGDMomentum)
-FW_INSTANTIATE_RULE(fw::Lion)
-
-#undef FW_INSTANTIATE_RULE
-#undef FW_INSTANTIATE_STATES
-#undef FW_INSTANTIATE
+#define FW_INSTANTIATE_RULE(Rule)                \
+  FW_INSTANTIATE_STATES(Rule, fw::ParamF32)      \
+  FW_INSTANTIATE_STATES(Rule, variants::Bf16K0)  \
+  FW_INSTANTIATE_STATES(Rule, variants::Bf16K8)  \
+  FW_INSTANTIATE_STATES(Rule, variants::Bf16K16) \
+  FW_INSTANTIATE_STATES(Rule, variants::F16K0)   \
+  FW_INSTANTIATE_STATES(Rule, variants::F16K8)   \
+  FW_INSTANTIATE_STATES(Rule, variants::F16K16)
 
 }  // namespace gpu
 }  // namespace fusedwarm

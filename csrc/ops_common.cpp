@@ -1,0 +1,239 @@
+// Operator surface (layer 3) shared by every library that registers fusedwarm's ops: the
+// schemas (with mutation annotations) and the argument checks and packing of the step ops. The
+// main library registers them as namespace fusedwarm; the emulated CUDA device (csrc/emu) as
+// fusedwarm_emu, so both see the same schemas and reject bad input the same way.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "ops_impl.h"
+
+namespace fusedwarm {
+
+StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::TensorList extras,
+                          std::vector<at::TensorList> states, at::TensorList steps, at::IntArrayRef tensor_ids,
+                          const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
+                          const std::optional<at::Tensor>& grad_scales, const std::optional<at::Tensor>& nonfinite) {
+  StepLists L;
+  L.params = params.vec();
+  L.grads = grads.vec();
+  L.extras = extras.vec();
+  for (const auto& s : states) L.states.push_back(s.vec());
+  L.steps = steps.vec();
+  L.tensor_ids = tensor_ids.vec();
+  L.lr_tensor = lr_tensor;
+  L.grad_scales = grad_scales;
+  L.nonfinite = nonfinite;
+  L.lr = lr;
+  L.extra_bits = extra_bits;
+  L.seed = seed;
+  return L;
+}
+
+bool parse_arithmetic(const char* op, c10::string_view arithmetic) {
+  TORCH_CHECK(arithmetic == "ieee" || arithmetic == "pam", "fusedwarm.", op,
+              ": arithmetic must be 'ieee' or 'pam', got '", std::string(arithmetic), "'");
+  return arithmetic == "pam";
+}
+
+fw::Schedule parse_schedule(const char* op, c10::string_view warmup, int64_t warmup_steps, double warmup_start,
+                            int64_t total_steps, int64_t decay_steps, c10::string_view decay_shape,
+                            double final_fraction, std::optional<double> beta2, bool radam) {
+  fw::Schedule s = fw::constant_schedule();
+  const std::string w(warmup);
+  TORCH_CHECK(w == "none" || w == "linear" || w == "untuned" || w == "untuned-exp" || w == "radam", "fusedwarm.", op,
+              ": warmup must be 'none', 'linear', 'untuned', 'untuned-exp' or 'radam', got '", w, "'");
+  TORCH_CHECK(beta2 || (w != "untuned" && w != "untuned-exp"), "fusedwarm.", op, ": warmup='", w,
+              "' derives its length from beta2, which this rule does not have; use 'linear' or 'none'");
+  TORCH_CHECK(radam || w != "radam", "fusedwarm.", op,
+              ": warmup='radam' rectifies Adam's second moment, which this rule does not have");
+  if (w == "linear") {
+    TORCH_CHECK(warmup_steps > 0, "fusedwarm.", op, ": warmup='linear' needs warmup_steps > 0, got ", warmup_steps);
+    TORCH_CHECK(warmup_start >= 0.0 && warmup_start <= 1.0, "fusedwarm.", op,
+                ": warmup_start must be in [0, 1], got ", warmup_start);
+    s.warmup = fw::kWarmupLinear;
+    s.warmup_steps = static_cast<float>(warmup_steps);
+    s.warmup_start = static_cast<float>(warmup_start);
+  } else if (w == "untuned") {
+    s.warmup = fw::kWarmupLinear;
+    s.warmup_steps = static_cast<float>(2.0 / (1.0 - *beta2));
+    s.warmup_start = 0.0f;
+  } else if (w == "untuned-exp") {
+    s.warmup = fw::kWarmupExp;
+    s.warmup_rate = static_cast<float>(1.0 - *beta2);
+  } else if (w == "radam") {
+    TORCH_CHECK(*beta2 > 0.6, "fusedwarm.", op, ": warmup='radam' needs beta2 > 0.6 (rho_inf > 4), got ", *beta2);
+    s.warmup = fw::kWarmupRAdam;
+    s.beta2 = static_cast<float>(*beta2);
+  }
+  const std::string d(decay_shape);
+  TORCH_CHECK(d == "none" || d == "linear" || d == "1-sqrt" || d == "cosine", "fusedwarm.", op,
+              ": decay_shape must be 'none', 'linear', '1-sqrt' or 'cosine', got '", d, "'");
+  TORCH_CHECK(total_steps >= 0, "fusedwarm.", op, ": total_steps must be >= 0, got ", total_steps);
+  TORCH_CHECK(decay_steps >= 0 && decay_steps <= total_steps, "fusedwarm.", op,
+              ": decay_steps must be in [0, total_steps=", total_steps, "], got ", decay_steps);
+  TORCH_CHECK(final_fraction >= 0.0 && final_fraction <= 1.0, "fusedwarm.", op,
+              ": final_fraction must be in [0, 1], got ", final_fraction);
+  if (d != "none") {
+    TORCH_CHECK(decay_steps > 0, "fusedwarm.", op, ": decay_shape='", d, "' needs decay_steps > 0");
+    s.decay_shape = d == "linear" ? fw::kDecayLinear : (d == "1-sqrt" ? fw::kDecaySqrt : fw::kDecayCosine);
+    s.total_steps = total_steps;
+    s.decay_steps = decay_steps;
+    s.final_fraction = static_cast<float>(final_fraction);
+  }
+  return s;
+}
+
+namespace {
+
+void check_dense(const char* op, const char* list, size_t i, const at::Tensor& t, const at::Tensor& p) {
+  TORCH_CHECK(t.layout() == at::kStrided, "fusedwarm.", op, ": ", list, "[", i, "] must be a dense (strided) tensor, got ",
+              t.layout());
+  TORCH_CHECK(t.device() == p.device(), "fusedwarm.", op, ": ", list, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", p.device());
+  TORCH_CHECK(t.is_contiguous(), "fusedwarm.", op, ": ", list, "[", i, "] must be contiguous");
+}
+
+}  // namespace
+
+void check_step_lists(const char* op, const StepLists& L, int num_states) {
+  const size_t n = L.params.size();
+  TORCH_CHECK(L.extra_bits == 0 || L.extra_bits == 8 || L.extra_bits == 16, "fusedwarm.", op,
+              ": extra_bits must be 0, 8 or 16, got ", L.extra_bits);
+  TORCH_CHECK(L.grads.size() == n && L.steps.size() == n && L.tensor_ids.size() == n, "fusedwarm.", op,
+              ": expected grads, steps and tensor_ids to have one entry per parameter (", n, "), got ",
+              L.grads.size(), ", ", L.steps.size(), " and ", L.tensor_ids.size());
+  TORCH_CHECK(static_cast<int>(L.states.size()) == num_states, "fusedwarm.", op, ": expected ", num_states,
+              " state lists, got ", L.states.size());
+  auto check_per_tensor = [&](const std::optional<at::Tensor>& t, const char* name, at::ScalarType dtype) {
+    if (!t) return;
+    TORCH_CHECK(t->scalar_type() == dtype && t->dim() == 1 && t->numel() == static_cast<int64_t>(n) &&
+                    t->is_contiguous() && (n == 0 || t->device() == L.params[0].device()),
+                "fusedwarm.", op, ": ", name, " must be a contiguous ", dtype, " tensor of shape [", n, "] on ",
+                (n == 0 ? std::string("the parameters' device") : L.params[0].device().str()), ", got ",
+                t->scalar_type(), t->sizes(), " on ", t->device());
+  };
+  check_per_tensor(L.grad_scales, "grad_scales", at::kFloat);
+  check_per_tensor(L.nonfinite, "nonfinite", at::kLong);
+  if (n == 0) return;
+  const at::Tensor& p0 = L.params[0];
+  const auto pdt = p0.scalar_type();
+  TORCH_CHECK(pdt == at::kFloat || pdt == at::kBFloat16 || pdt == at::kHalf, "fusedwarm.", op,
+              ": parameters must be float32, bfloat16 or float16, got ", pdt);
+  const bool half = pdt != at::kFloat;
+  const bool has_extra = half && L.extra_bits > 0;
+  const auto edt = L.extra_bits == 16 ? at::kShort : at::kChar;
+  TORCH_CHECK(L.extras.size() == (has_extra ? n : 0), "fusedwarm.", op, ": expected ", (has_extra ? n : 0),
+              " extra-bits tensors for ", pdt, " parameters with extra_bits=", L.extra_bits, ", got ",
+              L.extras.size());
+  at::ScalarType sdt = at::kFloat;
+  if (num_states > 0 && !L.states[0].empty()) sdt = L.states[0][0].scalar_type();
+  TORCH_CHECK(sdt == at::kFloat || sdt == at::kBFloat16, "fusedwarm.", op,
+              ": optimizer states must be float32 or bfloat16, got ", sdt);
+  if (L.lr_tensor) {
+    const at::Tensor& lr = *L.lr_tensor;
+    TORCH_CHECK(lr.numel() == 1 && lr.scalar_type() == at::kFloat && lr.device() == p0.device(), "fusedwarm.", op,
+                ": lr_tensor must be a one-element float32 tensor on ", p0.device(), ", got ", lr.scalar_type(),
+                " with ", lr.numel(), " elements on ", lr.device());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = L.params[i];
+    check_dense(op, "params", i, p, p0);
+    TORCH_CHECK(p.scalar_type() == pdt, "fusedwarm.", op, ": params[", i, "] is ", p.scalar_type(),
+                " but params[0] is ", pdt, "; one call takes one dtype");
+    const at::Tensor& g = L.grads[i];
+    check_dense(op, "grads", i, g, p);
+    TORCH_CHECK(g.scalar_type() == pdt && g.sizes() == p.sizes(), "fusedwarm.", op, ": grads[", i, "] is ",
+                g.scalar_type(), g.sizes(), " but params[", i, "] is ", pdt, p.sizes());
+    const at::Tensor& s = L.steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kLong && s.device() == p.device(), "fusedwarm.", op,
+                ": steps[", i, "] must be a one-element int64 tensor on ", p.device());
+    TORCH_CHECK(L.tensor_ids[i] >= 0 && L.tensor_ids[i] <= 0xFFFFFFFFLL, "fusedwarm.", op, ": tensor_ids[", i,
+                "] must fit in 32 bits, got ", L.tensor_ids[i]);
+    if (has_extra) {
+      const at::Tensor& e = L.extras[i];
+      check_dense(op, "extras", i, e, p);
+      TORCH_CHECK(e.scalar_type() == edt && e.numel() == p.numel(), "fusedwarm.", op, ": extras[", i,
+                  "] must be ", edt, " with ", p.numel(), " elements for extra_bits=", L.extra_bits, ", got ",
+                  e.scalar_type(), " with ", e.numel());
+    }
+    for (int j = 0; j < num_states; ++j) {
+      TORCH_CHECK(L.states[j].size() == n, "fusedwarm.", op, ": state list ", j, " has ", L.states[j].size(),
+                  " entries, expected ", n);
+      const at::Tensor& st = L.states[j][i];
+      check_dense(op, "states", i, st, p);
+      TORCH_CHECK(st.scalar_type() == sdt && st.numel() == p.numel(), "fusedwarm.", op, ": state ", j, " of params[",
+                  i, "] must be ", sdt, " with ", p.numel(), " elements, got ", st.scalar_type(), " with ",
+                  st.numel());
+    }
+  }
+}
+
+void set_update_control(const char* op, StepLists& L, std::optional<double> update_norm,
+                        at::OptionalIntArrayRef update_rows, bool rotational, double eq_coef) {
+  TORCH_CHECK(!(rotational && update_norm), "fusedwarm.", op,
+              ": rotational=True and update_norm are two update-size controls, choose one");
+  TORCH_CHECK((update_norm.has_value() || rotational) == update_rows.has_value(), "fusedwarm.", op,
+              ": update_rows goes with update_norm or rotational=True (both or neither)");
+  if (!update_rows) return;
+  if (update_norm) {
+    TORCH_CHECK(std::isfinite(*update_norm) && *update_norm > 0.0, "fusedwarm.", op,
+                ": update_norm must be a finite number > 0, got ", *update_norm);
+  } else {
+    TORCH_CHECK(std::isfinite(eq_coef) && eq_coef > 0.0, "fusedwarm.", op,
+                ": rotational=True needs weight_decay > 0 (it sets the equilibrium angular update)");
+  }
+  const size_t n = L.params.size();
+  TORCH_CHECK(update_rows->size() == n, "fusedwarm.", op, ": expected update_rows to have one entry per parameter (",
+              n, "), got ", update_rows->size());
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t rows = (*update_rows)[i];
+    const int64_t numel = L.params[i].numel();
+    TORCH_CHECK(rows >= 1 && (numel == 0 || numel % rows == 0), "fusedwarm.", op, ": update_rows[", i,
+                "] must be >= 1 and divide params[", i, "].numel() = ", numel, ", got ", rows);
+  }
+  L.control = update_norm ? fw::Control{fw::kControlBound, static_cast<float>(*update_norm), 0.0f}
+                          : fw::Control{fw::kControlRotational, 0.0f, static_cast<float>(eq_coef)};
+  L.update_rows = update_rows->vec();
+}
+
+// The schedule arguments every step op takes last (schedule.cuh; defaults: no warmup, no decay).
+#define FW_SCHEDULE_SCHEMA                                                                            \
+  "str warmup=\"none\", int warmup_steps=0, float warmup_start=0., int total_steps=0, int decay_steps=0, " \
+  "str decay_shape=\"none\", float final_fraction=0."
+// Update-size control (update.cuh): off unless update_rows is given with update_norm (bound) or
+// rotational=True.
+#define FW_CONTROL_SCHEMA "float? update_norm=None, int[]? update_rows=None, bool rotational=False"
+
+void define_ops(torch::Library& m) {
+  m.def(
+      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, "
+      "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize, str arithmetic=\"ieee\", "
+      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", str v_init=\"zero\", " FW_CONTROL_SCHEMA
+      ") -> ()");
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] momentum_buffers, "
+      "Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, str arithmetic=\"ieee\", "
+      "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", " FW_CONTROL_SCHEMA ") -> ()");
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, Tensor[] steps, "
+      "int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float beta1, float beta2, "
+      "float weight_decay, bool maximize, str arithmetic=\"ieee\", Tensor? grad_scales=None, "
+      "Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", " FW_CONTROL_SCHEMA ") -> ()");
+  m.def("schedule_factors(Tensor steps, float beta2, " FW_SCHEDULE_SCHEMA ") -> Tensor");
+  m.def("schedule_math(Tensor x, str fn) -> Tensor");
+  m.def("master_weight(Tensor param, Tensor extra, int extra_bits) -> Tensor");
+  m.def("master_split(Tensor master, ScalarType dtype, int extra_bits) -> (Tensor, Tensor)");
+  m.def("philox4x32(Tensor counters, int key) -> Tensor");
+  // Piecewise-affine arithmetic (Kosson & Jaggi 2023; pam.cuh): float32 in, float32 out.
+  m.def("pam_mul(Tensor a, Tensor b) -> Tensor");
+  m.def("pam_div(Tensor a, Tensor b) -> Tensor");
+  m.def("pam_sqrt(Tensor a) -> Tensor");
+  m.def("pam_exp2(Tensor a) -> Tensor");
+  m.def("pam_log2(Tensor a) -> Tensor");
+  m.def("pam_matmul(Tensor a, Tensor b) -> Tensor");
+}
+
+}  // namespace fusedwarm
