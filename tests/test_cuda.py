@@ -1,10 +1,14 @@
 """The CUDA backend matches the CPU backend bit for bit (DESIGN.md, "Backends agree bit for bit").
 
-Each test runs the same steps of an op on CPU tensors and on CUDA twins of them, from the same
-fresh random values, seed, tensor ids, step counters and learning rate, then compares every
-parameter, extra-bits and state tensor by bit pattern. The tensor lists mix sizes that exercise
-the kernel's edges: empty tensors, tails shorter than one 8-element pack, tensors spanning
-several tiles, and tensors whose data pointer is not 16-byte aligned (scalar path).
+Each test runs the same steps of an op on CPU tensors and on twins of them on the CUDA backend
+(the ``gpu`` fixture: a GPU, else the emulated device), from the same fresh random values, seed,
+tensor ids, step counters and learning rate, then compares every parameter, extra-bits and state
+tensor by bit pattern, NaN included. The tensor lists mix sizes that exercise the kernel's edges:
+empty tensors, tails shorter than one 8-element pack, tensors spanning several tiles, and tensors
+whose data pointer is not 16-byte aligned (scalar path); some weights are infinite or NaN, so that
+updates produce NaN. The emulated device runs with exactly one resident block and with several
+in shuffled order. The default run covers every rule x weight format x state dtype x arithmetic;
+the slow group adds the full product with both lr modes and orders, and large tensors.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import torch
 
 import fusedwarm._ops as fw_ops
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 STEPS = 5
 SEED = 0x5EED_F00D_2468_ACE1
 LR = 1e-2
-DEVICE = "cuda"
+# The emulated device's shapes (a GPU ignores them): exactly one resident block, so one block walks
+# every tile; several blocks, shuffled, so blocks cross from one tensor to the next in any order.
+EMU_SHAPES = {
+    "one_block": dict(sms=1, blocks_per_sm=1),
+    "blocks_shuffled": dict(sms=3, blocks_per_sm=2, order="shuffle", seed=11),
+}
 
 # Rule -> (op, number of state lists, hyperparameters). SGD runs with momentum 0 (no state) and
 # with Nesterov momentum and dampening (one state); maximize is switched on somewhere.
@@ -49,9 +56,15 @@ BIT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float
 
 # (numel, element offset of the param, element offset of the grad): offsets of 1 and 3 leave the
 # data pointer off 16-byte alignment for every dtype. 4099 spans three 2048-element tiles.
-SIZES = [(0, 0, 0), (1, 0, 0), (7, 0, 0), (8, 0, 0), (1000, 0, 0), (4099, 0, 0), (2053, 1, 0), (515, 0, 3)]
-# Gradients with non-finite entries: (tensor index, element index, value).
-NONFINITE = [(4, 3, float("inf")), (4, 500, float("nan")), (5, 4098, float("-inf")), (6, 17, float("nan"))]
+SIZES = [(0, 0, 0), (1, 0, 0), (7, 0, 0), (8, 0, 0), (1023, 0, 0), (1025, 0, 0), (4099, 0, 0), (2053, 1, 0),
+         (515, 0, 3)]
+# Gradients with non-finite entries (skipped elements): (tensor index, element index, value).
+NONFINITE = [(4, 3, float("inf")), (4, 500, float("nan")), (6, 4098, float("-inf")), (7, 17, float("nan"))]
+# Weights that are not finite, so that updates compute inf - inf or 0 * inf: (tensor index,
+# element index, value or bit pattern). A bit pattern is a NaN with the sign set and a payload,
+# which x86 arithmetic passes through and a GPU does not; every backend stores the canonical NaN.
+NONFINITE_WEIGHTS = [(5, 0, float("-inf")), (5, 9, float("inf")), (6, 100, "nan-payload"), (8, 3, float("nan"))]
+NAN_PAYLOAD = {torch.float32: -0x3F_FFFF, torch.bfloat16: -0x3F, torch.float16: -0x1FF}  # 0xFFC00001, 0xFFC1, 0xFE01
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -63,14 +76,23 @@ def _case_id(rule: str, dtype: torch.dtype, extra_bits: int, state_dtype: torch.
     return f"{rule}-{param}-state_{_dtype_name(state_dtype)}"
 
 
-def _cases(lr_modes):
+def _cases(full: bool):
+    """Every rule x weight format x state dtype x arithmetic; the full product adds lr modes and shapes.
+
+    The quick set takes one lr mode and one emulated shape per case, alternating, so each appears.
+    """
     cases = []
     for rule, (_, num_states, _) in OPS.items():
         for dtype, extra_bits in PARAMS:
             for state_dtype in STATE_DTYPES if num_states else STATE_DTYPES[:1]:
                 ident = _case_id(rule, dtype, extra_bits, state_dtype)
-                for mode in lr_modes:
-                    cases.append(pytest.param(rule, dtype, extra_bits, state_dtype, mode, id=f"{ident}-lr_{mode}"))
+                for arithmetic in ("ieee", "pam"):
+                    combos = [(m, sh) for m in ("float", "tensor") for sh in EMU_SHAPES]
+                    if not full:
+                        combos = [combos[len(cases) % len(combos)]]
+                    for mode, shape in combos:
+                        cases.append(pytest.param(rule, dtype, extra_bits, state_dtype, arithmetic, mode, shape,
+                                                  id=f"{ident}-{arithmetic}-lr_{mode}-{shape}"))
     return cases
 
 
@@ -127,8 +149,17 @@ def _state_values(j: int, n: int, gen) -> torch.Tensor:
     return _nonzero(torch.randn(n, generator=gen) * 1e-1)
 
 
-def _make(sizes, dtype, extra_bits, state_dtype, num_states, gen) -> StepTensors:
+def _nonfinite_weights(params, dtype, nonfinite_weights):
+    for i, k, value in nonfinite_weights:
+        if value == "nan-payload":
+            params[i].view(BIT_VIEW[dtype])[k] = NAN_PAYLOAD[dtype]
+        else:
+            params[i][k] = value
+
+
+def _make(sizes, dtype, extra_bits, state_dtype, num_states, gen, nonfinite_weights=()) -> StepTensors:
     params = [_place(_nonzero(torch.randn(n, generator=gen).to(dtype)), off, "cpu") for n, off, _ in sizes]
+    _nonfinite_weights(params, dtype, nonfinite_weights)
     extras = []
     if dtype != torch.float32 and extra_bits > 0:
         mb = MANTISSA_BITS[dtype]
@@ -151,7 +182,7 @@ def _grads(sizes, dtype, nonfinite, gen) -> list[torch.Tensor]:
     return [_place(g.to(dtype), off, "cpu") for g, (_, _, off) in zip(grads, sizes)]
 
 
-def _step(ops, rule, t: StepTensors, grads, tensor_ids, extra_bits, lr_mode):
+def _step(ops, rule, t: StepTensors, grads, tensor_ids, extra_bits, lr_mode, arithmetic):
     name, num_states, hyper = OPS[rule]
     states = dict(zip(STATE_ARGS[name], t.states)) if num_states else {"momentum_buffers": []}
     for s in t.steps:
@@ -167,6 +198,7 @@ def _step(ops, rule, t: StepTensors, grads, tensor_ids, extra_bits, lr_mode):
         lr=LR,
         extra_bits=extra_bits,
         seed=SEED,
+        arithmetic=arithmetic,
         **hyper,
     )
 
@@ -176,28 +208,58 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(BIT_VIEW[t.dtype]) if t.dtype in BIT_VIEW else t
 
 
-def _run_and_compare(ops, rule, dtype, extra_bits, state_dtype, lr_mode, sizes, nonfinite, gen):
+def _run_and_compare(ops, gpu, rule, dtype, extra_bits, state_dtype, lr_mode, sizes, nonfinite, gen,
+                     arithmetic="ieee", shape="blocks_shuffled", nonfinite_weights=()) -> StepTensors:
     num_states = OPS[rule][1]
-    cpu = _make(sizes, dtype, extra_bits, state_dtype, num_states, gen)
-    cuda = cpu.twin(DEVICE)
+    cpu = _make(sizes, dtype, extra_bits, state_dtype, num_states, gen, nonfinite_weights)
+    cuda = cpu.twin(gpu.device)
     tensor_ids = torch.randperm(1 << 20, generator=gen)[: len(sizes)].mul(4093).tolist()
     for i in range(STEPS):
         # A warmup schedule kept on the device: the kernel must read lr when it runs.
         cpu.lr.fill_(LR * (i + 1) / STEPS)
         cuda.lr.fill_(LR * (i + 1) / STEPS)
         grads = _grads(sizes, dtype, nonfinite, gen)
-        _step(ops, rule, cpu, grads, tensor_ids, extra_bits, lr_mode)
-        _step(ops, rule, cuda, [_twin(g, DEVICE) for g in grads], tensor_ids, extra_bits, lr_mode)
-    torch.cuda.synchronize()
+        _step(ops, rule, cpu, grads, tensor_ids, extra_bits, lr_mode, arithmetic)
+        with gpu.run(**EMU_SHAPES[shape]):
+            _step(ops, rule, cuda, [_twin(g, gpu.device) for g in grads], tensor_ids, extra_bits, lr_mode, arithmetic)
+    gpu.synchronize()
     for (name, a), (_, b) in zip(cpu.named(), cuda.named()):
         ba, bb = _bits(a), _bits(b)
         assert torch.equal(ba, bb), f"{name}: {int((ba != bb).sum())} of {a.numel()} elements differ from the CPU"
+    return cpu
 
 
-@pytest.mark.parametrize("rule,dtype,extra_bits,state_dtype,lr_mode", _cases(("float", "tensor")))
-def test_cuda_matches_cpu(ops, rule, dtype, extra_bits, state_dtype, lr_mode):
+@pytest.mark.parametrize("rule,dtype,extra_bits,state_dtype,arithmetic,lr_mode,shape", _cases(full=False))
+def test_cuda_matches_cpu(ops, gpu, rule, dtype, extra_bits, state_dtype, arithmetic, lr_mode, shape):
     gen = torch.Generator().manual_seed(20240611)
-    _run_and_compare(ops, rule, dtype, extra_bits, state_dtype, lr_mode, SIZES, NONFINITE, gen)
+    _run_and_compare(ops, gpu, rule, dtype, extra_bits, state_dtype, lr_mode, SIZES, NONFINITE, gen, arithmetic,
+                     shape, NONFINITE_WEIGHTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule,dtype,extra_bits,state_dtype,arithmetic,lr_mode,shape", _cases(full=True))
+def test_cuda_matches_cpu_full(ops, gpu, rule, dtype, extra_bits, state_dtype, arithmetic, lr_mode, shape):
+    gen = torch.Generator().manual_seed(19)
+    _run_and_compare(ops, gpu, rule, dtype, extra_bits, state_dtype, lr_mode, SIZES, NONFINITE, gen, arithmetic,
+                     shape, NONFINITE_WEIGHTS)
+
+
+CANONICAL_NAN = {torch.float32: 0x7FC0_0000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+
+
+@pytest.mark.parametrize("dtype,extra_bits", [(torch.float32, 0), (torch.bfloat16, 16), (torch.bfloat16, 0),
+                                              (torch.float16, 8)])
+def test_nan_results_are_the_canonical_nan(ops, gpu, dtype, extra_bits):
+    # SGD with weight decay on an infinite weight computes inf - inf; on a NaN weight with a payload,
+    # NaN. Both backends store the canonical (positive quiet) NaN, not the processor's own.
+    gen = torch.Generator().manual_seed(5)
+    sizes = [(64, 0, 0)]
+    weights = [(0, 0, float("-inf")), (0, 1, float("inf")), (0, 2, "nan-payload"), (0, 3, float("nan"))]
+    cpu = _run_and_compare(ops, gpu, "sgd", dtype, extra_bits, torch.float32, "float", sizes, [], gen,
+                           nonfinite_weights=weights)
+    # With extra bits, an infinite visible weight is the master's rounding, not an infinite master.
+    checked = 4 if extra_bits == 0 else 2
+    assert _bits(cpu.params[0])[4 - checked:4].tolist() == [CANONICAL_NAN[dtype]] * checked
 
 
 @pytest.mark.parametrize(
@@ -212,21 +274,22 @@ def test_cuda_matches_cpu(ops, rule, dtype, extra_bits, state_dtype, lr_mode):
         ]
     ],
 )
-def test_cuda_matches_cpu_large(ops, rule, dtype, extra_bits, state_dtype):
+def test_cuda_matches_cpu_large(ops, gpu, rule, dtype, extra_bits, state_dtype):
     # Two large tensors around many small ones (some misaligned): more tiles than resident
     # blocks, so blocks walk several tiles and cross from one tensor to the next.
     gen = torch.Generator().manual_seed(7)
     small = [(int(n), int(n) % 2, int(n) % 3) for n in torch.randint(1, 3000, (40,), generator=gen)]
     sizes = [((1 << 20) + 3, 0, 0), *small, (3 * (1 << 20) + 1, 0, 0)]
     nonfinite = [(0, 12345, float("nan")), (len(sizes) - 1, (3 << 20), float("inf"))]
-    _run_and_compare(ops, rule, dtype, extra_bits, state_dtype, "tensor", sizes, nonfinite, gen)
+    _run_and_compare(ops, gpu, rule, dtype, extra_bits, state_dtype, "tensor", sizes, nonfinite, gen)
 
 
-def test_cuda_all_empty(ops):
+def test_cuda_all_empty(ops, gpu):
     # Nothing to launch: the call must return without error.
-    params = [torch.empty(0, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
-    states = [torch.empty(0, device=DEVICE) for _ in params]
-    steps = [torch.ones((), dtype=torch.int64, device=DEVICE) for _ in params]
+    params = [torch.empty(0, device=gpu.device, dtype=torch.bfloat16) for _ in range(3)]
+    states = [torch.empty(0, device=gpu.device) for _ in params]
+    steps = [torch.ones((), dtype=torch.int64, device=gpu.device) for _ in params]
     grads = [p.clone() for p in params]
-    ops.lion_(params, grads, [], states, steps, [0, 1, 2], None, LR, 0, SEED, 0.9, 0.99, 0.0, False)
-    torch.cuda.synchronize()
+    with gpu.run():
+        ops.lion_(params, grads, [], states, steps, [0, 1, 2], None, LR, 0, SEED, 0.9, 0.99, 0.0, False)
+    gpu.synchronize()
