@@ -43,6 +43,21 @@ class CudaTarget:
 
         return emulator.device(sms=sms, blocks_per_sm=blocks_per_sm, order=order, seed=seed)
 
+    def sides(self, **shape) -> list[tuple[torch.device, contextlib.AbstractContextManager]]:
+        """(device, context) of the CPU backend, then of this CUDA backend: for bit-for-bit comparisons.
+
+        Each context is used once; ``shape`` configures the emulated device (see :meth:`run`).
+        """
+        return [(torch.device("cpu"), contextlib.nullcontext()), (self.device, self.run(**shape))]
+
+    def launches(self) -> int | None:
+        """Kernel launches the emulated device has run (None on a GPU): proof that a test reached it."""
+        if not self.emulated:
+            return None
+        from fusedwarm import emulator
+
+        return emulator.counters().launches
+
     def to(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of ``t`` on the device (always a copy: the emulated device shares the CPU)."""
         return t.to(self.device, copy=True)

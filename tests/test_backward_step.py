@@ -9,6 +9,7 @@ checkpoints) and the errors that guard against double updates.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -509,19 +510,29 @@ def test_no_full_set_of_gradients_is_ever_alive():
 # ---- CUDA ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @opt_names
-def test_cuda_backward_step_is_bit_identical_to_step(name):
+def test_cuda_backward_step_is_bit_identical_to_step(name, gpu):
+    # The CPU backend's step, then the CUDA backend's step and step in backward: all three equal.
     runs = []
-    for backward_step in (False, True):
-        model = make_model(torch.bfloat16).cuda()
+    launches = gpu.launches()
+    for device, backward_step, context in (("cpu", False, contextlib.nullcontext()),
+                                           (gpu.device, False, gpu.run(sms=2, blocks_per_sm=1, order="shuffle")),
+                                           (gpu.device, True, gpu.run(sms=2, blocks_per_sm=1, order="shuffle"))):
+        torch.manual_seed(0)
+        model = make_model(torch.bfloat16).to(device)
         opt = new_opt(name, model, MODES[0], backward_step=backward_step, bucket_cap_mb=1e-3)
-        for x, y in batches(ITERS, 1):
-            loss_of(model, x.cuda(), y.cuda()).backward()
-            opt.step()
-            opt.zero_grad()
+        with context:
+            for x, y in batches(ITERS, 1):
+                loss_of(model, x.to(device), y.to(device)).backward()
+                opt.step()
+                opt.zero_grad()
         runs.append((model, opt))
-    assert_same_training(*runs)
+    assert_same_training(runs[1], runs[2])
+    for (name, p_cpu), p_gpu in zip(runs[0][0].named_parameters(), runs[1][0].parameters()):
+        assert_bits_equal(p_cpu, p_gpu.cpu(), name)
+        for key, value in runs[0][1].state[p_cpu].items():
+            assert_bits_equal(value, runs[1][1].state[p_gpu][key].cpu(), f"{name}.{key}")
+    assert launches is None or gpu.launches() > launches
 
 
 # ---- sharded parameters ----------------------------------------------------------------------------

@@ -316,22 +316,45 @@ def test_opcheck(ops, name):
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
 @pytest.mark.parametrize("name", BINARY + UNARY)
-def test_cuda_elementwise_matches_cpu(ops, name):
+def test_cuda_elementwise_matches_cpu(ops, gpu, name):
     seed_all("pam-cuda", name)
     a, b = random_bits(N_RANDOM), random_bits(N_RANDOM)
     args = (a, b) if name in BINARY else (a,)
     op = getattr(ops, f"pam_{name}")
-    assert_bits_equal(op(*[t.cuda() for t in args]).cpu(), op(*args), a)
+    with gpu.run(order="shuffle"):
+        got = op(*[gpu.to(t) for t in args])
+    assert_bits_equal(got.cpu(), op(*args), a)
 
 
-@cuda
 @pytest.mark.parametrize("m,k,n", MATMUL_SHAPES + [(129, 257, 65)], ids=lambda s: str(s))
-def test_cuda_matmul_matches_cpu(m, k, n):
+def test_cuda_matmul_matches_cpu(gpu, m, k, n):
     seed_all("pam-cuda-matmul", m, k, n)
     a, b = torch.randn(m, k), torch.randn(k, n)
-    assert_bits_equal(pam.matmul(a.cuda(), b.cuda()).cpu(), pam.matmul(a, b), a)
+    with gpu.run(order="shuffle"):
+        got = pam.matmul(gpu.to(a), gpu.to(b))
+    assert_bits_equal(got.cpu(), pam.matmul(a, b), a)
+
+
+def test_cuda_matmul_nonfinite_sums_are_the_canonical_nan(gpu):
+    # Random bit patterns: infinities and NaNs of every sign and payload in both operands, so sums
+    # become inf - inf and NaN; both backends store the one canonical NaN.
+    seed_all("pam-cuda-matmul-nan")
+    a, b = random_bits(37 * 29).reshape(37, 29), random_bits(29 * 41).reshape(29, 41)
+    with gpu.run(sms=1, blocks_per_sm=1, order="reverse"):
+        got = pam.matmul(gpu.to(a), gpu.to(b)).cpu()
+    want = pam.matmul(a, b)
+    assert torch.isnan(want).any()
+    assert_bits_equal(got, want, a)
+    assert (want[torch.isnan(want)].view(torch.int32) == 0x7FC0_0000).all()
+
+
+@pytest.mark.slow
+def test_cuda_matmul_more_row_tiles_than_grid_y_allows(gpu):
+    # pam.Linear flattens batch x sequence into rows: more than 65535 16-row tiles must work (rows
+    # are on grid.x; grid.y, limited to 65535, takes the column tiles).
+    seed_all("pam-cuda-matmul-rows")
+    a, b = torch.randn(16 * 65535 + 17, 3), torch.randn(3, 2)
+    with gpu.run():
+        got = pam.matmul(gpu.to(a), gpu.to(b))
+    assert_bits_equal(got.cpu(), pam.matmul(a, b), a)

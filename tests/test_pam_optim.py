@@ -101,23 +101,22 @@ def test_op_rejects_unknown_arithmetic():
                                    0.1, 0, 1, 0.0, 0.0, 0.0, False, False, "x")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", EXACT_MODES + NOISY_MODES, ids=mode_id)
-def test_pam_cuda_matches_cpu(mode):
+def test_pam_cuda_matches_cpu(mode, gpu):
     dtype, extra_bits, state_dtype = mode
     seed_all("pam-cuda-optim", mode)
     init = [torch.randn(s) for s in SHAPES]
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(20)]
     runs = []
-    for device in ("cpu", "cuda"):
+    for device, context in gpu.sides(sms=2, blocks_per_sm=1, order="shuffle"):
         params = [torch.nn.Parameter(t.to(device=device, dtype=dtype, copy=True)) for t in init]
         opt = fusedwarm.AdamW(params, extra_bits=extra_bits, state_dtype=state_dtype, seed=7, arithmetic="pam")
+        with context:
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.to(device=p.device, dtype=p.dtype)
+                opt.step()
         runs.append((opt, params))
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(20):
-        grads = [torch.randn(t.shape, generator=gen) for t in init]
-        for opt, params in runs:
-            for p, g in zip(params, grads):
-                p.grad = g.to(device=p.device, dtype=p.dtype)
-            opt.step()
     for (p, q) in zip(runs[0][1], runs[1][1]):
         assert torch.equal(runs[0][0].master_weight(p), runs[1][0].master_weight(q).cpu())

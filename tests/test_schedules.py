@@ -368,16 +368,13 @@ def test_step_op_with_schedule_passes_opcheck():
 
 # ---- CUDA --------------------------------------------------------------------------------------
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_cuda_factors_match_cpu_bit_for_bit(case):
+def test_cuda_factors_match_cpu_bit_for_bit(case, gpu):
     steps = torch.arange(0, 1200)
     cpu = _factors(steps, **_op_kwargs(case))
-    gpu = _factors(steps.cuda(), **_op_kwargs(case))
-    assert torch.equal(cpu.view(torch.int32), gpu.cpu().view(torch.int32))
+    with gpu.run(order="shuffle"):
+        got = _factors(gpu.to(steps), **_op_kwargs(case))
+    assert torch.equal(cpu.view(torch.int32), got.cpu().view(torch.int32))
 
 
 CUDA_RUNS = {
@@ -389,25 +386,25 @@ CUDA_RUNS = {
 }
 
 
-@cuda
 @pytest.mark.parametrize("name,kw", CUDA_RUNS.values(), ids=CUDA_RUNS.keys())
-def test_cuda_optimizer_with_schedule_matches_cpu(name, kw):
+def test_cuda_optimizer_with_schedule_matches_cpu(name, kw, gpu):
     seed_all("cuda-schedule", name, repr(kw))
     init = torch.randn(3000)
     grads = [torch.randn(3000).to(torch.bfloat16) for _ in range(45)]
     masters = []
-    for device in ("cpu", "cuda"):
-        p = torch.nn.Parameter(init.to(device, torch.bfloat16))
+    for device, context in gpu.sides(sms=1, blocks_per_sm=1):
+        p = torch.nn.Parameter(init.to(device, torch.bfloat16, copy=True))
         opt = getattr(fusedwarm, name)([p], **{**HYPER[name], **kw, "seed": 9})
-        for g in grads:
-            p.grad = g.to(device)
-            opt.step()
+        with context:
+            for g in grads:
+                p.grad = g.to(device)
+                opt.step()
         masters.append(opt.master_weight(p).cpu())
     assert torch.equal(masters[0].view(torch.int32), masters[1].view(torch.int32))
 
 
-@cuda
-def test_cuda_last_factors_never_sync():
+def test_cuda_last_factors_never_sync(gpu):
+    gpu.require_hardware("torch.cuda.set_sync_debug_mode watches real device-to-host copies")
     p = torch.nn.Parameter(torch.randn(100, device="cuda"))
     opt = fusedwarm.AdamW([p], lr=torch.tensor(1e-3, device="cuda"), schedule=schedules.Cosine(100))
     p.grad = torch.randn_like(p)
@@ -421,10 +418,10 @@ def test_cuda_last_factors_never_sync():
     assert factors[0]["warmup"].item() == pytest.approx(1 / 2000)
 
 
-@cuda
 @pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion"])
-def test_cuda_graph_replay_equals_eager(name):
+def test_cuda_graph_replay_equals_eager(name, gpu):
     """A captured step (tensor lr, built-in warmup and WSD) replayed equals eager steps, bit for bit."""
+    gpu.require_hardware("CUDA graphs capture and replay real streams")
     seed_all("graph", name)
     init = torch.randn(1000)
     grads = [torch.randn(1000).to(torch.bfloat16) for _ in range(30)]

@@ -250,25 +250,22 @@ def test_step_op_with_control_passes_opcheck():
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
 @pytest.mark.parametrize("control", (*CONTROLS, "rotational"))
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_cuda_matches_cpu_bit_for_bit(name, control):
+def test_cuda_matches_cpu_bit_for_bit(name, control, gpu):
     seed_all("update-control-cuda", name, control)
     init = [torch.randn(s) for s in SHAPES]
     grads = _grads(init, 12, inf_at=3)
     masters = []
-    for device in ("cpu", "cuda"):
-        params = [torch.nn.Parameter(t.to(device, torch.bfloat16)) for t in init]
+    for device, context in gpu.sides(sms=2, blocks_per_sm=2, order="shuffle"):
+        params = [torch.nn.Parameter(t.to(device, torch.bfloat16, copy=True)) for t in init]
         opt = getattr(fusedwarm, name)(params, seed=9, extra_bits=0, **ROT_HYPER[name], update_control=control,
                                        update_norm=None if control == "rotational" else BOUND[name])
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = g.to(device, torch.bfloat16)
-            opt.step()
+        with context:
+            for gs in grads:
+                for p, g in zip(params, gs):
+                    p.grad = g.to(device, torch.bfloat16)
+                opt.step()
         masters.append([opt.master_weight(p).cpu() for p in params])
     for a, b in zip(*masters):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
