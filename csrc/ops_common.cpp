@@ -197,13 +197,27 @@ void set_update_control(const char* op, StepLists& L, std::optional<double> upda
   L.update_rows = update_rows->vec();
 }
 
+void set_element_offsets(const char* op, StepLists& L, at::OptionalIntArrayRef element_offsets) {
+  if (!element_offsets) return;
+  TORCH_CHECK(element_offsets->size() == L.params.size(), "fusedwarm.", op, ": element_offsets has ",
+              element_offsets->size(), " entries for ", L.params.size(), " params");
+  for (size_t i = 0; i < element_offsets->size(); ++i) {
+    TORCH_CHECK((*element_offsets)[i] >= 0, "fusedwarm.", op, ": element_offsets[", i, "] must be >= 0, got ",
+                (*element_offsets)[i]);
+  }
+  L.element_offsets = element_offsets->vec();
+}
+
 // The schedule arguments every step op takes last (schedule.cuh; defaults: no warmup, no decay).
 #define FW_SCHEDULE_SCHEMA                                                                            \
   "str warmup=\"none\", int warmup_steps=0, float warmup_start=0., int total_steps=0, int decay_steps=0, " \
   "str decay_shape=\"none\", float final_fraction=0."
 // Update-size control (update.cuh): off unless update_rows is given with update_norm (bound) or
 // rotational=True.
-#define FW_CONTROL_SCHEMA "float? update_norm=None, int[]? update_rows=None, bool rotational=False"
+// Then the shards' element offsets in their full tensors (the random stream's element index), or None.
+#define FW_CONTROL_SCHEMA                                                       \
+  "float? update_norm=None, int[]? update_rows=None, bool rotational=False, " \
+  "int[]? element_offsets=None"
 
 void define_ops(torch::Library& m) {
   m.def(

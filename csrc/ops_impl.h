@@ -37,11 +37,16 @@ fw::Schedule parse_schedule(const char* op, c10::string_view warmup, int64_t war
 #define FW_CONTROL_PARAMS \
   std::optional<double> update_norm, at::OptionalIntArrayRef update_rows, bool rotational
 #define FW_CONTROL_ARGS update_norm, update_rows, rotational
+// The shards' element offsets (last argument of every step op; see StepLists::element_offsets).
+#define FW_SHARD_PARAMS at::OptionalIntArrayRef element_offsets
 
 // Checks the update-size control arguments against the call's tensors and stores them in L.
 // `eq_coef` is the rule's equilibrium coefficient (eta^2 / lr, used when rotational).
 void set_update_control(const char* op, StepLists& L, std::optional<double> update_norm,
                         at::OptionalIntArrayRef update_rows, bool rotational, double eq_coef);
+
+// Checks the shards' element offsets (one per tensor, >= 0) and stores them in L.
+void set_element_offsets(const char* op, StepLists& L, at::OptionalIntArrayRef element_offsets);
 
 // The equilibrium angular updates of Kosson et al. 2024 (Rotational Equilibrium, Table 1), as
 // eta^2 / lr: AdamW sqrt(2 lr wd (1 - b1) / (1 + b1)), SGD sqrt(2 lr wd / (1 + momentum)), Lion
@@ -61,7 +66,7 @@ struct OpImpls {
                      double beta1, double beta2, double eps, double weight_decay, bool maximize,
                      c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
                      const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, c10::string_view v_init,
-                     FW_CONTROL_PARAMS) {
+                     FW_CONTROL_PARAMS, FW_SHARD_PARAMS) {
     TORCH_CHECK(v_init == "zero" || v_init == "grad", "fusedwarm.adamw_: v_init must be 'zero' or 'grad', got '",
                 std::string(v_init), "'");
     TORCH_CHECK(!(v_init == "grad" && warmup == "radam"), "fusedwarm.adamw_: v_init='grad' and warmup='radam' ",
@@ -71,6 +76,7 @@ struct OpImpls {
     L.pam = parse_arithmetic("adamw_", arithmetic);
     check_step_lists("adamw_", L, fw::AdamW::kStates);
     set_update_control("adamw_", L, FW_CONTROL_ARGS, adamw_eq_coef(beta1, weight_decay));
+    set_element_offsets("adamw_", L, element_offsets);
     const fw::AdamW::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                              static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
                              static_cast<float>(eps),         static_cast<float>(rotational ? 0.0 : weight_decay),
@@ -85,7 +91,8 @@ struct OpImpls {
                    const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                   const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, FW_CONTROL_PARAMS) {
+                   const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, FW_CONTROL_PARAMS,
+                   FW_SHARD_PARAMS) {
     const bool pam = parse_arithmetic("sgd_", arithmetic);
     const fw::SGD::Hyper h{static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                            static_cast<float>(rotational ? 0.0 : weight_decay), nesterov, maximize,
@@ -96,6 +103,7 @@ struct OpImpls {
       L.pam = pam;
       check_step_lists("sgd_", L, fw::SGD::kStates);
       set_update_control("sgd_", L, FW_CONTROL_ARGS, sgd_eq_coef(momentum, weight_decay));
+      set_element_offsets("sgd_", L, element_offsets);
       Backend::template run<fw::SGD>(L, h);
     } else {
       StepLists L = make_step_lists(params, grads, extras, {momentum_buffers}, steps, tensor_ids, lr_tensor, lr,
@@ -103,6 +111,7 @@ struct OpImpls {
       L.pam = pam;
       check_step_lists("sgd_", L, fw::SGDMomentum::kStates);
       set_update_control("sgd_", L, FW_CONTROL_ARGS, sgd_eq_coef(momentum, weight_decay));
+      set_element_offsets("sgd_", L, element_offsets);
       Backend::template run<fw::SGDMomentum>(L, h);
     }
   }
@@ -111,12 +120,14 @@ struct OpImpls {
                     at::TensorList steps, at::IntArrayRef tensor_ids, const std::optional<at::Tensor>& lr_tensor,
                     double lr, int64_t extra_bits, int64_t seed, double beta1, double beta2, double weight_decay,
                     bool maximize, c10::string_view arithmetic, const std::optional<at::Tensor>& grad_scales,
-                    const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, FW_CONTROL_PARAMS) {
+                    const std::optional<at::Tensor>& nonfinite, FW_SCHEDULE_PARAMS, FW_CONTROL_PARAMS,
+                   FW_SHARD_PARAMS) {
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr, extra_bits,
                                   seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("lion_", arithmetic);
     check_step_lists("lion_", L, fw::Lion::kStates);
     set_update_control("lion_", L, FW_CONTROL_ARGS, lion_eq_coef(beta1, beta2, weight_decay));
+    set_element_offsets("lion_", L, element_offsets);
     const fw::Lion::Hyper h{static_cast<float>(beta1),       static_cast<float>(beta2),
                             static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
                             static_cast<float>(rotational ? 0.0 : weight_decay), maximize,

@@ -27,6 +27,9 @@ struct StepLists {
   // update_rows[i] is the number of rows tensor i is cut into (1: the whole tensor).
   fw::Control control{fw::kControlNone, 0.0f, 0.0f};
   std::vector<int64_t> update_rows;
+  // element_offsets[i]: the index in the full tensor of tensor i's element 0 (a shard's offset),
+  // which the random stream keys elements by; empty when no tensor is a shard (all 0).
+  std::vector<int64_t> element_offsets;
 };
 
 // "ieee" -> false, "pam" -> true; anything else is an error naming the op.

@@ -50,7 +50,7 @@ using P = {param};
 using S = {state};
 using C = {coef};
 template int64_t fusedwarm::run_chunk<R, P, S, {arith}, C>(R::Scalars, uint32_t, float, C, int64_t, int64_t,
-                                                           P::storage*, const P::storage*, P::extra_storage*,
+                                                           int64_t, P::storage*, const P::storage*, P::extra_storage*,
                                                            S::storage*, S::storage*);
 """
 COEFS = ("fw::Uncontrolled", "fw::Blended")

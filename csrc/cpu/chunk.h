@@ -54,12 +54,13 @@ struct SpanCopy {
 // vectorizes the branch-free element function, one element per lane. `coef` is the update-size
 // control's coefficients of the row that holds [begin, end): fw::Uncontrolled without control or
 // for a row whose coefficients are (1, 1), fw::Blended otherwise, never a runtime choice between
-// the two (update.cuh says why). [begin, end) lies in one block of the random stream, whose key
-// is `key` (philox.cuh, stream_key). The vector loops count in 32 bits (positions in a span, the
+// the two (update.cuh says why). Element k's random counter is that of index k + offset of the full
+// tensor (offset: a shard's first element, else 0); [begin + offset, end + offset) lies in one
+// block of the random stream, whose key is `key` (philox.cuh, stream_key). The vector loops count in 32 bits (positions in a span, the
 // random counter): 64-bit index lanes cost a fifth more vector operations per element.
 template <class Rule, class P, class S, class M = fw::Ieee, class C = fw::Uncontrolled>
 int64_t run_chunk(const typename Rule::Scalars sc, const uint32_t key, const float grad_scale, const C coef,
-                  int64_t begin, int64_t end, typename P::storage* __restrict w,
+                  int64_t begin, int64_t end, const int64_t offset, typename P::storage* __restrict w,
                   const typename P::storage* __restrict g, typename P::extra_storage* __restrict ext,
                   typename S::storage* __restrict s0, typename S::storage* __restrict s1) {
   constexpr int kS = Rule::kStates;
@@ -98,7 +99,7 @@ int64_t run_chunk(const typename Rule::Scalars sc, const uint32_t key, const flo
       typename P::extra_storage* __restrict eb = P::K > 0 ? ext + b0 : ext;
       typename S::storage* __restrict s0b = kS > 0 ? s0 + b0 : s0;
       typename S::storage* __restrict s1b = kS > 1 ? s1 + b0 : s1;
-      const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(b0));
+      const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(b0 + offset));
       // update_element<..., kFinite = true> reports every element updated, so this count stays 0;
       // it is kept because GCC 12 compiles the loop with a reduction into half the code, three to
       // four times faster (all rules in one file: 8 minutes without it, under 4 with it).

@@ -61,6 +61,7 @@ struct TensorWork {
   typename Rule::Scalars sc;
   uint64_t step;
   uint32_t tensor_id;
+  int64_t offset;  // the index of element 0 in the full tensor (StepLists::element_offsets)
   float grad_scale;
   int64_t row_size;
   typename P::storage* w;
@@ -93,6 +94,7 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
     t.sc = Rule::template scalars<fw::Ieee>(h, lr, step);
     t.step = static_cast<uint64_t>(step);
     t.tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);
+    t.offset = L.element_offsets.empty() ? 0 : L.element_offsets[i];
     t.grad_scale = L.grad_scales ? L.grad_scales->data_ptr<float>()[i] : 1.0f;
     t.row_size = control ? n / L.update_rows[i] : n;
     t.w = static_cast<PS*>(L.params[i].data_ptr());
@@ -115,22 +117,24 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
       const int64_t first = std::max(begin, start[j]) - start[j];
       const int64_t last = std::min(end, start[j + 1]) - start[j];
       int64_t k = 0;
-      uint32_t block = fw::random_block(static_cast<uint64_t>(first));
+      uint32_t block = fw::random_block(static_cast<uint64_t>(first + t.offset));
       uint32_t key = fw::stream_key(seed, t.tensor_id, t.step, block);
-      // Each piece lies in one row, taking its coefficients, and in one block of the random stream.
+      // Each piece lies in one row, taking its coefficients, and its elements' indices in the full
+      // tensor lie in one block of the random stream.
       for (int64_t b = first; b < last;) {
-        const uint32_t piece_block = fw::random_block(static_cast<uint64_t>(b));
+        const uint32_t piece_block = fw::random_block(static_cast<uint64_t>(b + t.offset));
         if (piece_block != block) {
           block = piece_block;
           key = fw::stream_key(seed, t.tensor_id, t.step, block);
         }
         const int64_t row = b / t.row_size;
-        const int64_t e = std::min({last, (row + 1) * t.row_size, (int64_t{block} + 1) << fw::kRandomBlockBits});
+        const int64_t block_end = ((int64_t{block} + 1) << fw::kRandomBlockBits) - t.offset;
+        const int64_t e = std::min({last, (row + 1) * t.row_size, block_end});
         const fw::RowCoef c = t.coefs[row];
-        k += c.unit() ? run_chunk<Rule, P, S, M>(t.sc, key, t.grad_scale, fw::Uncontrolled{}, b, e, t.w, t.g, t.ext,
-                                                 t.s0, t.s1)
-                      : run_chunk<Rule, P, S, M>(t.sc, key, t.grad_scale, fw::Blended{c.alpha, c.beta}, b, e, t.w,
-                                                 t.g, t.ext, t.s0, t.s1);
+        k += c.unit() ? run_chunk<Rule, P, S, M>(t.sc, key, t.grad_scale, fw::Uncontrolled{}, b, e, t.offset, t.w,
+                                                 t.g, t.ext, t.s0, t.s1)
+                      : run_chunk<Rule, P, S, M>(t.sc, key, t.grad_scale, fw::Blended{c.alpha, c.beta}, b, e,
+                                                 t.offset, t.w, t.g, t.ext, t.s0, t.s1);
         b = e;
       }
       if (k != 0) skipped[j].fetch_add(k, std::memory_order_relaxed);

@@ -68,6 +68,7 @@ struct DeviceStep {
       t.numel = numel;
       t.first_tile = num_tiles;
       t.tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);
+      t.element_offset = L.element_offsets.empty() ? 0 : L.element_offsets[i];
       bool aligned = vector_aligned(t.param) && vector_aligned(t.grad) && vector_aligned(t.extra);
       for (int j = 0; j < Rule::kStates; ++j) aligned = aligned && vector_aligned(t.state[j]);
       t.vectorized = aligned ? 1u : 0u;

@@ -43,8 +43,6 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T>& r) {
   for (int i = 0; i < static_cast<int>(sizeof(r.w) / sizeof(r.w[0])); ++i) dst[i] = r.w[i];
 }
 
-static_assert((int64_t{1} << fw::kRandomBlockBits) % kTile == 0, "a tile must lie in one block of the random stream");
-
 // One tensor of the launch as seen by one thread: typed pointers plus the step's scalars.
 template <class Rule, class P, class S, class M>
 struct SlotUpdate {
@@ -63,7 +61,9 @@ struct SlotUpdate {
   uint64_t seed;
   uint32_t tensor_id;
   int64_t step;
-  uint32_t key0;  // the random key of block 0, which holds every element of most tensors
+  uint64_t offset;  // the index of element 0 in the full tensor (TensorSlot::element_offset)
+  uint32_t block0;  // the random-stream block of element 0, which holds every element of most tensors
+  uint32_t key0;    // its key
   float grad_scale;
   const fw::RowCoef* row_coef;
   int64_t row_size;
@@ -81,10 +81,12 @@ struct SlotUpdate {
         seed(seed_),
         tensor_id(t.tensor_id),
         step(*t.step),
+        offset(static_cast<uint64_t>(t.element_offset)),
         grad_scale(t.grad_scale != nullptr ? *t.grad_scale : 1.0f),
         row_coef(t.row_coef),
         row_size(t.row_size) {
-    key0 = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), 0u);
+    block0 = fw::random_block(offset);
+    key0 = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block0);
     scalars = Rule::template scalars<fw::Ieee>(hyper, lr, step);
   }
 
@@ -93,24 +95,25 @@ struct SlotUpdate {
     return row_coef != nullptr ? row_coef[k / row_size] : fw::RowCoef{1.0f, 1.0f};
   }
 
-  // The random key of the block that holds element k (a tile lies in one block: kTile divides
-  // its 2^30 elements).
-  __device__ __forceinline__ uint32_t key_of(int64_t k) const {
-    const uint32_t block = fw::random_block(static_cast<uint64_t>(k));
-    return block == 0u ? key0 : fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
+  // Element k's random counter: its index in the full tensor, in the key of the stream block that
+  // holds that index (a shard's tile may straddle two blocks, so each element looks up its own).
+  __device__ __forceinline__ uint32_t counter_of(int64_t k) const {
+    const uint64_t index = static_cast<uint64_t>(k) + offset;
+    const uint32_t block = fw::random_block(index);
+    const uint32_t key = block == block0 ? key0 : fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block);
+    return fw::element_counter(key, index);
   }
 
-  // Each of these returns the number of elements it skipped for a non-finite gradient; `key` is
-  // key_of of the elements.
-  __device__ __forceinline__ int one(int64_t k, uint32_t key) const {
+  // Each of these returns the number of elements it skipped for a non-finite gradient.
+  __device__ __forceinline__ int one(int64_t k) const {
     int32_t e = 0;
     if constexpr (kExtra) e = extra[k];
     St s0{}, s1{};
     if constexpr (kStates > 0) s0 = state0[k];
     if constexpr (kStates > 1) s1 = state1[k];
     const fw::RowCoef c = coef(k);
-    const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(k));
-    const bool ok = fw::update_element<Rule, P, S, M>(scalars, counter, param[k], e, grad[k], grad_scale, s0, s1, c);
+    const bool ok =
+        fw::update_element<Rule, P, S, M>(scalars, counter_of(k), param[k], e, grad[k], grad_scale, s0, s1, c);
     if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
     if constexpr (kStates > 0) state0[k] = s0;
     if constexpr (kStates > 1) state1[k] = s1;
@@ -119,7 +122,7 @@ struct SlotUpdate {
 
   // Elements k0 .. k0 + kPack - 1, all in range, every pointer 16-byte aligned. Elements whose
   // gradient is not finite are written back unchanged.
-  __device__ __forceinline__ int pack(int64_t k0, uint32_t key) const {
+  __device__ __forceinline__ int pack(int64_t k0) const {
     Pack<W> w, g;
     Pack<Ext> x;
     Pack<St> s0, s1;
@@ -134,9 +137,8 @@ struct SlotUpdate {
       int32_t e = 0;
       if constexpr (kExtra) e = x.v[i];
       const fw::RowCoef c = coef(k0 + i);
-      const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(k0 + i));
-      const bool ok = fw::update_element<Rule, P, S, M>(scalars, counter, w.v[i], e, g.v[i], grad_scale, s0.v[i],
-                                                     s1.v[i], c);
+      const bool ok = fw::update_element<Rule, P, S, M>(scalars, counter_of(k0 + i), w.v[i], e, g.v[i], grad_scale,
+                                                     s0.v[i], s1.v[i], c);
       if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
       skipped += ok ? 0 : 1;
     }
@@ -152,18 +154,17 @@ struct SlotUpdate {
   // takes base + t + kThreads j, so that the scalar accesses of a warp stay coalesced.
   __device__ __forceinline__ int tile(int64_t base, bool vectorized) const {
     int skipped = 0;
-    const uint32_t key = key_of(base);
     if (vectorized) {
       const int64_t k0 = base + static_cast<int64_t>(threadIdx.x) * kPack;
       if (k0 + kPack <= numel) {
-        skipped = pack(k0, key);
+        skipped = pack(k0);
       } else {
-        for (int64_t k = k0; k < numel; ++k) skipped += one(k, key);
+        for (int64_t k = k0; k < numel; ++k) skipped += one(k);
       }
     } else {
       for (int j = 0; j < kPack; ++j) {
         const int64_t k = base + static_cast<int64_t>(j) * kThreads + threadIdx.x;
-        if (k < numel) skipped += one(k, key);
+        if (k < numel) skipped += one(k);
       }
     }
     return skipped;

@@ -42,8 +42,11 @@ struct TensorSlot {
   int64_t chunks_per_row;
   int64_t first_chunk;   // number of chunks in all earlier slots
   int64_t first_row;     // number of rows in all earlier slots
+  // The index of element 0 in the full tensor (a shard's offset; 0 for an unsharded tensor): the
+  // random stream keys element k by k + element_offset, so sharding changes no bit.
+  int64_t element_offset;
 };
-static_assert(sizeof(TensorSlot) == 128 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by g++ and nvcc");
+static_assert(sizeof(TensorSlot) == 136 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by g++ and nvcc");
 
 FW_HD int64_t tiles_of(int64_t numel) { return (numel + kTile - 1) / kTile; }
 
