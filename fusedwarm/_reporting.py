@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, _sharding
 from ._states import extra_bits
 
 
@@ -94,7 +94,7 @@ class Reporting:
             p: a parameter of this optimizer.
 
         Returns:
-            A new float32 tensor with the shape of ``p``.
+            A new float32 tensor with the shape of ``p`` (a DTensor placed as ``p`` when ``p`` is one).
         """
         group = next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
         if group is None:
@@ -104,4 +104,5 @@ class Reporting:
         if extra is None:
             k = 0
             extra = torch.empty(0, dtype=torch.int8, device=p.device)
-        return _ops.load().master_weight(p.detach().contiguous(), extra, k)
+        master = _ops.load().master_weight(_sharding.local(p.detach()).contiguous(), _sharding.local(extra), k)
+        return _sharding.like(p, master)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import _sharding
+
 _DYNAMIC_INIT_SCALE = 2.0**16  # torch.amp.GradScaler's defaults
 _DYNAMIC_INTERVAL = 2000
 _CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
@@ -88,9 +90,9 @@ class GradScaling:
         by_device: dict[torch.device, list[Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
-        squares = [torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32)).square().sum().to(main)
-                   for gs in by_device.values()]
-        norm = torch.stack(squares).sum().sqrt()
+        squares = [torch.stack(torch._foreach_norm([_sharding.local(g) for g in gs], 2, dtype=torch.float32))
+                   .square().sum().to(main) for gs in by_device.values()]
+        norm = _sharding.sum_over_ranks(torch.stack(squares).sum(), grads).sqrt()
         if self.scale is not None:
             norm = norm / self.scale
         self.last_grad_norm = norm
@@ -116,7 +118,9 @@ class GradScaling:
         m = self._multiplier(device)
         clip = self.clipping
         if clip in ("tensor", "lagged", "lagged-tensor"):
-            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            norms = torch.stack(torch._foreach_norm([_sharding.local(g) for g in grads], 2, dtype=torch.float32))
+            if any(_sharding.is_sharded(g) for g in grads):
+                norms = _sharding.sum_over_ranks(norms.square(), grads).sqrt()
             if self.scale is not None:
                 norms = norms / self.scale.to(device)
             self._sq_norms.update(zip(ids, norms.square().to(main).unbind()))

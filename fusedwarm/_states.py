@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _sharding
+
 EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
 # The options that decide how a parameter's master and states are stored.
 STORAGE_OPTIONS = ("extra_bits", "state_dtype")
@@ -98,8 +100,9 @@ class StateLayout:
             self._checked[id(p)] = (expected, tuple((name, weakref.ref(state[name])) for name in expected))
 
     def create(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> dict[str, Any]:
-        """Adds ``p``'s missing state tensors (zeros) to ``state`` and returns it."""
+        """Adds ``p``'s missing state tensors (zeros; sharded as ``p``, ``step`` a plain scalar) to ``state``."""
         for name, dtype in self.expected(group, p).items():
             if name not in state:
-                state[name] = torch.zeros(() if name == "step" else p.shape, dtype=dtype, device=p.device)
+                state[name] = (torch.zeros((), dtype=dtype, device=p.device) if name == "step"
+                               else _sharding.zeros(p, dtype))
         return state

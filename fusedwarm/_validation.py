@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import schedules
+from . import _sharding, schedules
 
 EXTRA_BITS = (0, 8, 16)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -178,23 +178,14 @@ def check_torch_options(opt: str, options: dict[str, Any], loading: bool = False
                                  f"only its fused multi-tensor kernel (pass {name}=None or True)")
 
 
-def _is_dtensor(p: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(p, DTensor)
-
-
 def param_problem(p: Tensor) -> str | None:
     """Why ``p`` cannot be a fused optimizer's parameter, or None if it can."""
     if p.dtype not in PARAM_DTYPES:
         return f"has dtype {p.dtype}; fusedwarm updates float32, bfloat16 and float16 parameters only"
     if p.layout != torch.strided:
         return f"has layout {p.layout}; only dense (strided) parameters are supported"
-    if _is_dtensor(p):
-        return ("is a DTensor (FSDP2 or tensor parallel); fusedwarm does not support sharded "
-                "parameters yet: use torch.nn.parallel.DistributedDataParallel")
+    if _sharding.is_sharded(p):
+        return _sharding.problem(p)
     return None
 
 

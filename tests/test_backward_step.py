@@ -540,8 +540,8 @@ def test_cuda_backward_step_is_bit_identical_to_step(name, gpu):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
-def test_dtensor_parameters_are_rejected_with_a_clear_error():
-    """FSDP2 shards parameters as DTensors: not supported yet, and said so."""
+def test_unsupported_dtensor_placements_are_rejected_with_a_clear_error():
+    """FSDP2's Shard(0) DTensors are supported (tests/test_fsdp.py); other shardings are refused, saying why."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -549,8 +549,13 @@ def test_dtensor_parameters_are_rejected_with_a_clear_error():
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         mesh = init_device_mesh("cpu", (1,))
-        p = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
-        with pytest.raises(TypeError, match=r"is a DTensor \(FSDP2 or tensor parallel\)"):
+        fusedwarm.AdamW([nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))])
+        p = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(1)]))
+        with pytest.raises(TypeError, match=r"is a DTensor with placement Shard\(dim=1\); fusedwarm supports Shard\(0\)"):
             fusedwarm.AdamW([p])
+        mesh2 = init_device_mesh("cpu", (1, 1))
+        q = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh2, [Shard(0), Shard(0)]))
+        with pytest.raises(TypeError, match=r"2-dimensional device mesh"):
+            fusedwarm.AdamW([q])
     finally:
         dist.destroy_process_group()

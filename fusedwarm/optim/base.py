@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _ops, _validation, backward, schedules
+from .. import _ops, _sharding, _validation, backward, schedules
 from .._checkpoint import Checkpointing
 from .._reporting import Reporting
 from .._scaling import GradScaling
@@ -40,8 +40,9 @@ def _default_seed() -> int:
 
 
 def _update_rows(control: str, p: Tensor) -> int:
-    """The number of rows ``p``'s update is bounded in: its output rows for ``"row"`` and 2-D+."""
-    return p.shape[0] if control == "row" and p.dim() >= 2 and p.numel() > 0 else 1
+    """The number of rows ``p``'s update is bounded in: its (local) output rows for ``"row"`` and 2-D+."""
+    shard = _sharding.local(p)
+    return shard.shape[0] if control == "row" and p.dim() >= 2 and shard.numel() > 0 else 1
 
 
 class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Optimizer):
@@ -265,6 +266,10 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
             if plain:
                 self._launch_call(gi, [params[i] for i in plain], [grads[i] for i in plain], {})
         elif control is not None:
+            if control == "tensor" and any(_sharding.is_sharded(p) for p in params):
+                raise RuntimeError(f"{type(self).__name__}: update_control='tensor' bounds each update by its whole "
+                                   f"tensor's norm, which sharded (FSDP2) parameters do not hold on one rank; use "
+                                   f"update_control='row' or 'rotational' (rows are never split by Shard(0))")
             self._launch_call(gi, params, grads, dict(update_norm=float(self.param_groups[gi]["update_norm"]),
                                                       update_rows=[_update_rows(control, p) for p in params]))
         else:
@@ -278,18 +283,22 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
         used = self._state_names(group)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
-        # Parameters that are not contiguous are updated through a contiguous copy.
-        work = [p if p.is_contiguous() else p.contiguous() for p in params]
+        # The kernels see local shards (FSDP2) with their offsets in the full tensor. Parameters
+        # that are not contiguous are updated through a contiguous copy.
+        shards = [_sharding.local(p) for p in params]
+        work = [p if p.is_contiguous() else p.contiguous() for p in shards]
+        offsets = [_sharding.element_offset(p) for p in params] if any(s is not p for s, p in zip(shards, params)) \
+            else None
         lr = group["lr"]
         lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
         skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
         ids = [self._ids[id(p)] for p in params]  # each tensor's index in the optimizer: its random-stream key
         getattr(_ops.load(), self._op_name)(
             work,
-            [g.contiguous() for g in grads],
-            [s["extra"] for s in states if "extra" in s],
+            [_sharding.local(g).contiguous() for g in grads],
+            [_sharding.local(s["extra"]) for s in states if "extra" in s],
             # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
-            *[[s[n] for s in states] if n in used else [] for n in self._op_states],
+            *[[_sharding.local(s[n]) for s in states] if n in used else [] for n in self._op_states],
             steps,
             ids,
             lr_tensor,
@@ -302,9 +311,10 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
             nonfinite=skipped,
             **self._schedule_args(group),
             **controls,
+            element_offsets=offsets,
         )
         self._skips.append((params, skipped))
-        for p, w in zip(params, work):
+        for p, w in zip(shards, work):
             if w is not p:
                 p.copy_(w)
 
