@@ -11,6 +11,7 @@ layouts (``_states``) or run updates.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -108,6 +109,15 @@ class Checkpointing:
             if result is not None:
                 state_dict = result
         scalars = state_dict.get("fusedwarm", {})
+        if "fusedwarm" not in state_dict and (self._scaling.scale is not None
+                                              or self._scaling.clipping in ("lagged", "lagged-tensor")):
+            warnings.warn(
+                f"{name}.load_state_dict: the state dict has no 'fusedwarm' entry (a torch.optim state dict, or "
+                f"torch.distributed.checkpoint's get_optimizer_state_dict, which keeps only 'state' and "
+                f"'param_groups'), so the loss scale and the lagged clipping coefficient keep this optimizer's "
+                f"current values instead of resuming: a plain opt.state_dict() / load_state_dict round trip carries "
+                f"them",
+                stacklevel=2)
         for key, value in scalars.items():
             current = self._scalars().get(key, ...)
             if current is ... or not isinstance(value, Tensor) or value.shape != () or (

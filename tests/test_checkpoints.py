@@ -10,6 +10,8 @@ changes nothing (``test_errors.snapshot``).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -264,3 +266,18 @@ def test_load_master_weights_errors_change_nothing(bad, match):
     with pytest.raises(ValueError, match=match):
         opt.load_master_weights(bad([p.detach() for p in params]))
     assert_unchanged(before, snapshot(opt))
+
+
+def test_state_dict_without_scalars_warns_when_they_would_not_resume():
+    # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups":
+    # a loss scale or lagged clipping coefficient cannot resume from it, and loading says so.
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    opt = fusedwarm.AdamW([p], loss_scale="dynamic")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sd = {k: v for k, v in opt.state_dict().items() if k != "fusedwarm"}
+    with pytest.warns(UserWarning, match=r"no 'fusedwarm' entry .* loss scale and the lagged clipping"):
+        fusedwarm.AdamW([p], loss_scale="dynamic").load_state_dict(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedwarm.AdamW([p]).load_state_dict(sd)  # nothing to resume: no warning
