@@ -51,10 +51,16 @@ CONFIGS = {
     "lion-x0": ("Lion", dict(extra_bits=0, weight_decay=0.1)),
 }
 BACKWARD = ("adamw-x16", "adamw-x0")
-CLIP = ("AdamW", dict(extra_bits=16, max_grad_norm=0.05))
-# Global-norm clipping: two ranks add their shards' squares, then the two sums; one process adds
-# per-tensor squares. The float32 sums round differently (a few ulps) and so does every clipped
-# update after; measured 0 to 2e-7 relative on norms and masters, so 1e-5.
+# Clipping, each with the training mode it runs in: "global" and "tensor" on given gradients,
+# "lagged" in the backward pass (each hook's launch sums its tensors' norms over the ranks).
+CLIPS = {
+    "clip-global": ("AdamW", dict(extra_bits=16, max_grad_norm=0.05, clip="global"), "grads", False),
+    "clip-tensor": ("AdamW", dict(extra_bits=16, max_grad_norm=0.01, clip="tensor"), "grads", False),
+    "clip-lagged": ("AdamW", dict(extra_bits=16, max_grad_norm=0.05, clip="lagged"), "batch", True),
+}
+# Two ranks add their shards' squares, then the two sums; one process adds whole tensors' squares.
+# The float32 sums round differently (a few ulps) and so does every clipped update after; measured
+# 0 to 2e-7 relative on norms and masters, so 1e-5.
 CLIP_RTOL = 1e-5
 
 
@@ -78,7 +84,9 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _optimizer(model, config: str, **extra):
-    name, kw = CONFIGS[config] if config in CONFIGS else CLIP
+    name, kw = CONFIGS[config] if config in CONFIGS else CLIPS[config][:2]
+    if config in CLIPS:
+        extra = {"backward_step": CLIPS[config][3], **extra}
     return getattr(fusedwarm, name)(model.parameters(), lr=LR[name], seed=77, **kw, **extra)
 
 
@@ -169,7 +177,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tasks: list[str]) ->
                 result[task + ":held"] = _train(model, opt, range(STEPS), mesh, mode)
             elif kind == "clip":
                 opt = _optimizer(model, config)
-                _train(model, opt, range(STEPS), mesh, "grads")
+                _train(model, opt, range(STEPS), mesh, CLIPS[config][2])
                 result[task + ":norm"] = opt.last_grad_norm().clone()
             elif kind == "save":  # train, checkpoint, train on: the uninterrupted run
                 opt = _optimizer(model, config)
@@ -206,7 +214,7 @@ def runs(tmp_path_factory) -> dict[int, list[dict]]:
     out_dir = tmp_path_factory.mktemp("fsdp")
     one = _spawn(1, out_dir, ["save:adamw-x0"])
     two = _spawn(2, out_dir, [f"grads:{c}" for c in CONFIGS] + [f"backward:{c}" for c in BACKWARD]
-                 + ["accumulate:adamw-x16", "clip:clip", "save:adamw-x0", "resume:adamw-x0"])
+                 + ["accumulate:adamw-x16", *[f"clip:{c}" for c in CLIPS], "save:adamw-x0", "resume:adamw-x0"])
     one_resumed = _spawn(1, out_dir, ["resume:adamw-x0"])
     return {1: [{**one[0], **one_resumed[0]}], 2: two}
 
@@ -222,7 +230,7 @@ def _full(ranks: list[dict], task: str) -> dict[str, dict[str, torch.Tensor]]:
 def _reference(config: str, mode: str = "grads", backward_step: bool = False) -> dict:
     torch.set_num_threads(1)
     model = _model()
-    opt = _optimizer(model, config, backward_step=backward_step)
+    opt = _optimizer(model, config, backward_step=backward_step) if config in CONFIGS else _optimizer(model, config)
     _train(model, opt, range(STEPS), None, mode)
     return _snapshot(model, opt), opt
 
@@ -273,12 +281,13 @@ def test_distributed_checkpoint_resumes_on_another_world_size(runs, saved, resum
     _assert_same(_full(runs[resumed], "resume:adamw-x0"), want)
 
 
-def test_global_clipping_sums_the_norm_over_ranks(runs):
-    want, opt = _reference("clip")
-    norm = runs[2][0]["clip:clip:norm"]
+@pytest.mark.parametrize("config", CLIPS)
+def test_clipping_sums_the_norms_over_ranks(runs, config):
+    want, opt = _reference(config, CLIPS[config][2])
+    norm = runs[2][0][f"clip:{config}:norm"]
     assert float(norm) == pytest.approx(float(opt.last_grad_norm()), rel=CLIP_RTOL)
-    assert float(opt.last_grad_norm()) > CLIP[1]["max_grad_norm"]  # the updates were clipped
-    got = _full(runs[2], "clip:clip")
+    assert float(opt.last_grad_norm()) > CLIPS[config][1]["max_grad_norm"]  # the updates were clipped
+    got = _full(runs[2], f"clip:{config}")
     for name in want:
         m, r = got[name]["master"], want[name]["master"]
         assert float((m - r).abs().max()) <= CLIP_RTOL * float(r.abs().max()), name
