@@ -1,7 +1,8 @@
 """Writes the committed benchmark results into README.md: the markdown tables that the benchmark
 scripts write next to their JSON (``MARKDOWN_BLOCKS``: step and training benchmarks, training loop, warmup
-experiment, PAM experiment, lagged clipping) go between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``, so the
-README's numbers always come from a result file. Without ``--update-readme`` it prints them."""
+experiment, PAM experiment, lagged clipping, FSDP2 memory per rank) go between ``<!-- NAME:begin -->`` /
+``<!-- NAME:end -->``, so the README's numbers always come from a result file. Without ``--update-readme`` it
+prints them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ MARKDOWN_BLOCKS = {
     "warmup-experiment-results": RESULTS / "warmup_experiment.md",
     "pam-experiment-results": RESULTS / "pam_experiment.md",
     "lagged-clipping-results": RESULTS / "lagged_clipping.md",
+    "fsdp-memory-results": RESULTS / "fsdp_memory_cpu.md",
 }
 
 
