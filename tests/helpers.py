@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import socket
 import zlib
 
 import torch
@@ -104,3 +107,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b|."""
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max())
+
+
+def free_port() -> int:
+    """A TCP port that is free now, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo_worker(rank: int, world: int, port: int) -> None:
+    """A spawned test worker's process group (gloo, localhost) on one CPU thread.
+
+    CPU kernels may split their sums by thread count, so workers and references run on one thread.
+    """
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))

@@ -30,9 +30,7 @@ thread.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -41,7 +39,7 @@ import torch.nn.functional as F
 
 import fusedwarm
 from fusedwarm import _ops
-from helpers import HYPER, rel_err
+from helpers import HYPER, free_port, init_gloo_worker, rel_err
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -160,10 +158,7 @@ def _train_ddp(dtype: torch.dtype, bucket_view: bool, process_group=None) -> dic
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    init_gloo_worker(rank, WORLD, port)
     try:
         result = {"layout": {str(dtype): _bucket_layout(dtype) for dtype in (torch.float32, torch.bfloat16)}}
         for case, dtype, bucket_view in CASES:
@@ -176,12 +171,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Each rank's results, from one 2-process run of every case."""
@@ -189,7 +178,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
     _ops.load()  # build the extension once here, not in both workers
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -22,9 +22,7 @@ shards (parameters, float32 masters, extra bits, states) bit for bit:
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 
 import fusedwarm
 from fusedwarm import _ops
+from helpers import free_port, init_gloo_worker
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -158,10 +157,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tasks: list[str]) ->
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    init_gloo_worker(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,))
         result = {}
@@ -194,16 +190,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tasks: list[str]) ->
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, out_dir, tasks: list[str]) -> list[dict]:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(world, _free_port(), str(out_dir), tasks), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(out_dir), tasks), nprocs=world, join=True)
     return [torch.load(out_dir / f"world{world}-rank{r}.pt") for r in range(world)]
 
 
