@@ -167,6 +167,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tasks: list[str]) ->
             if kind == "grads":
                 opt = _optimizer(model, config)
                 _train(model, opt, range(STEPS), mesh, "grads")
+                result[task + ":dtensors"] = [type(t).__name__ for p in model.parameters()
+                                              for t in (opt.master_weight(p), *opt.state[p].values())]
             elif kind in ("backward", "accumulate"):
                 opt = _optimizer(model, config, backward_step=True)
                 mode = "batch" if kind == "backward" else "accumulate"
@@ -262,6 +264,13 @@ def test_accumulation_without_gradient_sync_then_step_in_backward(runs):
 def test_empty_shards_and_uneven_shards_are_covered(runs):
     shapes = {name: entry["param"].shape for name, entry in runs[2][1]["grads:adamw-x16"].items()}
     assert shapes["0.weight"] == (16, 4) and shapes["4.weight"] == (0, 40), shapes
+
+
+def test_masters_and_states_are_dtensors_step_counts_plain(runs):
+    # As torch.optim under FSDP2: per-element state sharded like the parameter, "step" a plain
+    # scalar; master_weight(p) a DTensor too. Per parameter: master, step, extra, exp_avg, exp_avg_sq.
+    kinds = runs[2][0]["grads:adamw-x16:dtensors"]
+    assert kinds == ["DTensor", "Tensor", "DTensor", "DTensor", "DTensor"] * (2 * (len(SIZES) - 1)), kinds
 
 
 @pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)])
