@@ -40,6 +40,8 @@ def _info() -> int:
             ("cache", str(cfg.directory)),
             ("ready", "yes" if cfg.ready else "no (run: python -m fusedwarm build)"),
         ]
+    emu = _build.config("emu")
+    rows.append(("emulated CUDA", f"{emu.directory} ({'built' if emu.ready else 'built on first use: fusedwarm.emulator'})"))
     rows += [
         ("C++ compiler", shutil.which(os.environ.get("CXX", "c++")) or "not found"),
         ("ninja", shutil.which("ninja") or "not found"),

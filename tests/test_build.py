@@ -89,6 +89,7 @@ def test_cli_info_and_build(fresh_cache):
     assert lines["ready"].strip() == "yes"
     assert str(fresh_cache) in lines["cache"]
     assert "torch" in lines
+    assert str(fresh_cache) in lines["emulated"] and "built on first use" in lines["emulated"]
 
 
 def test_missing_ninja_is_named(tmp_path):
