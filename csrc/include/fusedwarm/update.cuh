@@ -341,7 +341,7 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t counter, ty
   if (kWords > 0) r = element_random<kWords>(counter);
   const uint32_t state_word = kWeightWords > 0 ? r.y : r.x;
   typename P::storage w_new;
-  int32_t e_new;
+  int32_t e_new = e;  // a float32 weight keeps no extra bits: its store leaves e_new as it is
   P::store(p, r.x, w_new, e_new);
   w = ok ? w_new : w;
   e = ok ? e_new : e;
