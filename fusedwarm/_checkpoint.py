@@ -24,6 +24,9 @@ from ._states import EXTRA_DTYPE, extra_bits
 SAVED_EXTRA_BITS = {dtype: bits for bits, dtype in EXTRA_DTYPE.items()}
 
 
+# The key of the loss-scale and clipping scalars in a state dict's first param group.
+SCALARS = "fusedwarm"
+
 class Checkpointing:
     """Mixin of :class:`fusedwarm.FusedOptimizer` (placed before :class:`torch.optim.Optimizer`).
 
@@ -47,10 +50,12 @@ class Checkpointing:
 
     @torch.compiler.disable  # as torch.optim.Optimizer's: run eagerly under torch.compile
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus ``"fusedwarm"``: the loss scale and lagged clipping scalars."""
+        """torch.optim's state dict; its first param group also holds ``"fusedwarm"``: the loss-scale and
+        clipping scalars. In a param group they survive tools that keep only ``state`` and
+        ``param_groups``, such as ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``."""
         with self._torch_hooks_suspended("_optimizer_state_dict_post_hooks"):
             sd = super().state_dict()
-        sd["fusedwarm"] = {k: v.clone() for k, v in self._scalars().items() if v is not None}
+        sd["param_groups"][0][SCALARS] = {k: v.clone() for k, v in self._scalars().items() if v is not None}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -108,16 +113,16 @@ class Checkpointing:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        scalars = state_dict.get("fusedwarm", {})
-        if "fusedwarm" not in state_dict and (self._scaling.scale is not None
-                                              or self._scaling.clipping in ("lagged", "lagged-tensor")):
+        saved_groups = state_dict["param_groups"]
+        # The scalars: in the first param group, or at the top level (state dicts of earlier versions).
+        scalars = state_dict.get(SCALARS, saved_groups[0].get(SCALARS) if saved_groups else None)
+        if scalars is None and (self._scaling.scale is not None
+                                or self._scaling.clipping in ("lagged", "lagged-tensor")):
             warnings.warn(
-                f"{name}.load_state_dict: the state dict has no 'fusedwarm' entry (a torch.optim state dict, or "
-                f"torch.distributed.checkpoint's get_optimizer_state_dict, which keeps only 'state' and "
-                f"'param_groups'), so the loss scale and the lagged clipping coefficient keep this optimizer's "
-                f"current values instead of resuming: a plain opt.state_dict() / load_state_dict round trip carries "
-                f"them",
+                f"{name}.load_state_dict: the state dict has no '{SCALARS}' scalars (a torch.optim state dict), so "
+                f"the loss scale and the lagged clipping coefficient keep this optimizer's current values",
                 stacklevel=2)
+        scalars = scalars or {}
         for key, value in scalars.items():
             current = self._scalars().get(key, ...)
             if current is ... or not isinstance(value, Tensor) or value.shape != () or (
@@ -126,7 +131,6 @@ class Checkpointing:
             if current is None:
                 raise ValueError(f"{name}.load_state_dict: the state dict has a {key!r} but this optimizer was "
                                  f"made without it (loss_scale=None)")
-        saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         groups = []
@@ -138,7 +142,7 @@ class Checkpointing:
                 )
             _validation.check_torch_options(f"{name}.load_state_dict", saved, loading=True)
             groups.append({**self.defaults,
-                           **{k: v for k, v in saved.items() if k not in _validation.TORCH_GROUP_KEYS},
+                           **{k: v for k, v in saved.items() if k not in (*_validation.TORCH_GROUP_KEYS, SCALARS)},
                            **{k: group[k] for k in self._options["storage_given"][gi]}})
             self._check_group_options(groups[gi])
             for i, (key, p) in enumerate(zip(saved["params"], group["params"])):

@@ -58,7 +58,7 @@ class GradScaling:
         return self.clip if self.max_grad_norm is not None else None
 
     def scalars(self) -> dict[str, Tensor | None]:
-        """The state carried between iterations (saved in ``state_dict()["fusedwarm"]``)."""
+        """The state carried between iterations (saved in ``state_dict()["param_groups"][0]["fusedwarm"]``)."""
         return {"loss_scale": self.scale, "growth_tracker": self.growth_tracker, "clip_coef": self.clip_coef,
                 "last_grad_norm": self.last_grad_norm}
 

@@ -269,14 +269,17 @@ def test_load_master_weights_errors_change_nothing(bad, match):
 
 
 def test_state_dict_without_scalars_warns_when_they_would_not_resume():
-    # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and "param_groups":
-    # a loss scale or lagged clipping coefficient cannot resume from it, and loading says so.
+    # A torch.optim state dict has no loss scale or lagged clipping coefficient to resume: loading
+    # it into an optimizer that keeps them says so. (fusedwarm's own state dicts carry them in the
+    # first param group, where torch.distributed.checkpoint keeps them: tests/test_fsdp.py.)
     p = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
     opt = fusedwarm.AdamW([p], loss_scale="dynamic")
     p.grad = torch.randn_like(p)
     opt.step()
-    sd = {k: v for k, v in opt.state_dict().items() if k != "fusedwarm"}
-    with pytest.warns(UserWarning, match=r"no 'fusedwarm' entry .* loss scale and the lagged clipping"):
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["fusedwarm"]["loss_scale"] == opt.loss_scale
+    del sd["param_groups"][0]["fusedwarm"]
+    with pytest.warns(UserWarning, match=r"no 'fusedwarm' scalars .* loss scale and the lagged clipping"):
         fusedwarm.AdamW([p], loss_scale="dynamic").load_state_dict(sd)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -23,6 +23,7 @@ shards (parameters, float32 masters, extra bits, states) bit for bit:
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -56,6 +57,8 @@ CLIPS = {
     "clip-global": ("AdamW", dict(extra_bits=16, max_grad_norm=0.05, clip="global"), "grads", False),
     "clip-tensor": ("AdamW", dict(extra_bits=16, max_grad_norm=0.01, clip="tensor"), "grads", False),
     "clip-lagged": ("AdamW", dict(extra_bits=16, max_grad_norm=0.05, clip="lagged"), "batch", True),
+    "clip-lagged-grads": ("AdamW", dict(extra_bits=16, max_grad_norm=0.05, clip="lagged", loss_scale=1.0),
+                          "grads", False),
 }
 # Two ranks add their shards' squares, then the two sums; one process adds whole tensors' squares.
 # The float32 sums round differently (a few ulps) and so does every clipped update after; measured
@@ -182,9 +185,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tasks: list[str]) ->
                 _train(model, opt, range(RESUME_AT), mesh, "grads")
                 dcp.save(_checkpoint(model, opt), checkpoint_id=os.path.join(out_dir, f"ckpt-{world}-{config}"))
                 _train(model, opt, range(RESUME_AT, STEPS), mesh, "grads")
-            elif kind == "resume":  # resume the other world size's checkpoint
+            elif kind in ("resume", "resume-same"):  # resume the other (or this) world size's checkpoint
                 opt = _optimizer(model, config)
-                _resume(model, opt, os.path.join(out_dir, f"ckpt-{3 - world}-{config}"))
+                saved_by = 3 - world if kind == "resume" else world
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    _resume(model, opt, os.path.join(out_dir, f"ckpt-{saved_by}-{config}"))
+                result[task + ":warnings"] = [str(w.message) for w in caught if "fusedwarm" in str(w.message)]
                 _train(model, opt, range(RESUME_AT, STEPS), mesh, "grads")
             result[task] = _snapshot(model, opt)
         torch.save(result, os.path.join(out_dir, f"world{world}-rank{rank}.pt"))
@@ -206,7 +213,8 @@ def runs(tmp_path_factory) -> dict[int, list[dict]]:
     out_dir = tmp_path_factory.mktemp("fsdp")
     one = _spawn(1, out_dir, ["save:adamw-x0"])
     two = _spawn(2, out_dir, [f"grads:{c}" for c in CONFIGS] + [f"backward:{c}" for c in BACKWARD]
-                 + ["accumulate:adamw-x16", *[f"clip:{c}" for c in CLIPS], "save:adamw-x0", "resume:adamw-x0"])
+                 + ["accumulate:adamw-x16", *[f"clip:{c}" for c in CLIPS], "save:adamw-x0", "resume:adamw-x0",
+                    "save:clip-lagged-grads", "resume-same:clip-lagged-grads"])
     one_resumed = _spawn(1, out_dir, ["resume:adamw-x0"])
     return {1: [{**one[0], **one_resumed[0]}], 2: two}
 
@@ -278,6 +286,13 @@ def test_distributed_checkpoint_resumes_on_another_world_size(runs, saved, resum
     want, _ = _reference("adamw-x0")
     _assert_same(_full(runs[saved], "save:adamw-x0"), want)  # the uninterrupted run
     _assert_same(_full(runs[resumed], "resume:adamw-x0"), want)
+
+
+def test_checkpoint_carries_the_lagged_clipping_coefficient(runs):
+    # The loss-scale and clipping scalars live in the first param group, which
+    # get_optimizer_state_dict keeps: a resumed lagged-clipping run continues bit for bit.
+    _assert_same(_full(runs[2], "resume-same:clip-lagged-grads"), _full(runs[2], "save:clip-lagged-grads"))
+    assert [r["resume-same:clip-lagged-grads:warnings"] for r in runs[2]] == [[], []]
 
 
 @pytest.mark.parametrize("config", CLIPS)

@@ -283,7 +283,7 @@ def clone_params(params) -> list[nn.Parameter]:
 
 
 def scalars(opt) -> dict[str, Tensor]:
-    """The loss-scale and clipping scalars, as ``state_dict()["fusedwarm"]`` holds them."""
+    """The loss-scale and clipping scalars, as ``state_dict()["param_groups"][0]["fusedwarm"]`` holds them."""
     return {k: v.detach().clone() for k, v in opt._scalars().items() if v is not None}
 
 
