@@ -13,12 +13,14 @@ Norms over sharded gradients are summed over the mesh. It never computes an upda
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
 
+@functools.cache  # looked up for every tensor of every step: import once
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor
