@@ -41,7 +41,8 @@ def _info() -> int:
             ("ready", "yes" if cfg.ready else "no (run: python -m fusedwarm build)"),
         ]
     emu = _build.config("emu")
-    rows.append(("emulated CUDA", f"{emu.directory} ({'built' if emu.ready else 'built on first use: fusedwarm.emulator'})"))
+    emu_state = "built" if emu.ready else "built on first use: fusedwarm.emulator"
+    rows.append(("emulated CUDA", f"{emu.directory} ({emu_state})"))
     rows += [
         ("C++ compiler", shutil.which(os.environ.get("CXX", "c++")) or "not found"),
         ("ninja", shutil.which("ninja") or "not found"),

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ._sources import CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, EMU_FLAGS, EMU_SOURCES, HEADER_SUFFIXES, LD_FLAGS
+from ._sources import (CPU_SOURCES, CUDA_FLAGS, CUDA_SOURCES, CXX_FLAGS, EMU_FLAGS, EMU_SOURCES, HEADER_SUFFIXES,
+                       LD_FLAGS)
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc" if (ROOT / "csrc").is_dir() else ROOT.parent / "csrc"

@@ -20,12 +20,10 @@ from torch import Tensor
 
 from . import _ops, _validation
 from ._states import EXTRA_DTYPE, extra_bits
-
 SAVED_EXTRA_BITS = {dtype: bits for bits, dtype in EXTRA_DTYPE.items()}
-
-
 # The key of the loss-scale and clipping scalars in a state dict's first param group.
 SCALARS = "fusedwarm"
+
 
 class Checkpointing:
     """Mixin of :class:`fusedwarm.FusedOptimizer` (placed before :class:`torch.optim.Optimizer`).

@@ -14,7 +14,6 @@ Norms over sharded gradients are summed over the mesh. It never computes an upda
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor
@@ -64,8 +63,7 @@ def element_offset(p: Tensor) -> int:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    strides = [math.prod(p.shape[d + 1:]) for d in range(len(p.shape))]
-    return sum(o * s for o, s in zip(offset, strides))
+    return sum(o * s for o, s in zip(offset, p.stride()))  # a DTensor's strides are the full tensor's
 
 
 def like(p: Tensor, t: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,6 +77,7 @@ def counters() -> Counters:
     return Counters(*load().counters())
 
 
+@functools.cache  # the registrations are fixed once the library is loaded
 def emulated_ops() -> frozenset[str]:
     """Names of the fusedwarm ops the emulated device implements (those of the CUDA backend)."""
     load()

@@ -287,8 +287,8 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
         # that are not contiguous are updated through a contiguous copy.
         shards = [_sharding.local(p) for p in params]
         work = [p if p.is_contiguous() else p.contiguous() for p in shards]
-        offsets = [_sharding.element_offset(p) for p in params] if any(s is not p for s, p in zip(shards, params)) \
-            else None
+        sharded = any(s is not p for s, p in zip(shards, params))
+        offsets = [_sharding.element_offset(p) for p in params] if sharded else None
         lr = group["lr"]
         lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
         skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
