@@ -30,6 +30,57 @@ StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::Tenso
   return L;
 }
 
+std::string step_variant(const char* rule, const StepLists& L) {
+  std::string name = std::string(rule) + ".";
+  const auto pdt = L.params.at(0).scalar_type();
+  if (pdt == at::kFloat) {
+    name += "f32";
+  } else {
+    name += (pdt == at::kBFloat16 ? "bf16x" : "f16x") + std::to_string(L.extra_bits);
+  }
+  const bool bf16_state = !L.states.empty() && !L.states[0].empty() && L.states[0][0].scalar_type() == at::kBFloat16;
+  name += bf16_state ? ".bf16" : ".f32";
+  name += L.pam ? ".pam" : ".ieee";
+  return name;
+}
+
+SlotTotals fill_slots(const StepLists& L, int num_states, TensorSlot* slots) {
+  SlotTotals n;
+  const bool control = L.control.mode != fw::kControlNone;
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorAlign == 0; };
+  for (size_t i = 0; i < L.params.size(); ++i) {
+    const int64_t numel = L.params[i].numel();
+    if (numel == 0) continue;
+    TensorSlot t{};
+    t.param = L.params[i].data_ptr();
+    t.grad = L.grads[i].const_data_ptr();
+    t.extra = L.extras.empty() ? nullptr : L.extras[i].data_ptr();
+    for (int j = 0; j < num_states; ++j) t.state[j] = L.states[j][i].data_ptr();
+    t.step = L.steps[i].const_data_ptr<int64_t>();
+    t.grad_scale = L.grad_scales ? L.grad_scales->const_data_ptr<float>() + i : nullptr;
+    t.nonfinite = L.nonfinite ? L.nonfinite->data_ptr<int64_t>() + i : nullptr;
+    t.numel = numel;
+    t.first_tile = n.tiles;
+    t.tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);
+    t.element_offset = L.element_offsets.empty() ? 0 : L.element_offsets[i];
+    bool vector = aligned(t.param) && aligned(t.grad) && aligned(t.extra);
+    for (int j = 0; j < num_states; ++j) vector = vector && aligned(t.state[j]);
+    t.vectorized = vector ? 1u : 0u;
+    t.row_size = numel;
+    if (control) {
+      t.row_size = numel / L.update_rows[i];
+      t.chunks_per_row = (t.row_size + fw::kNormChunk - 1) / fw::kNormChunk;
+      t.first_chunk = n.chunks;
+      t.first_row = n.rows;
+      n.chunks += L.update_rows[i] * t.chunks_per_row;
+      n.rows += L.update_rows[i];
+    }
+    n.tiles += tiles_of(numel);
+    slots[n.slots++] = t;
+  }
+  return n;
+}
+
 bool parse_arithmetic(const char* op, c10::string_view arithmetic) {
   TORCH_CHECK(arithmetic == "ieee" || arithmetic == "pam", "fusedwarm.", op,
               ": arithmetic must be 'ieee' or 'pam', got '", std::string(arithmetic), "'");

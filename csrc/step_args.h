@@ -4,9 +4,10 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
-#include "fusedwarm/update.cuh"
+#include "step_abi.h"
 
 namespace fusedwarm {
 
@@ -31,6 +32,35 @@ struct StepLists {
   // which the random stream keys elements by; empty when no tensor is a shard (all 0).
   std::vector<int64_t> element_offsets;
 };
+
+// The rules' names in variant names (fusedwarm/_build.py maps them back to the types).
+template <class Rule>
+constexpr const char* kRuleName = nullptr;
+template <>
+inline constexpr const char* kRuleName<fw::AdamW> = "adamw";
+template <>
+inline constexpr const char* kRuleName<fw::SGD> = "sgd";
+template <>
+inline constexpr const char* kRuleName<fw::SGDMomentum> = "sgdm";
+template <>
+inline constexpr const char* kRuleName<fw::Lion> = "lion";
+
+// The name of the kernel variant a call of `rule` needs, "<rule>.<weights>.<states>.<arithmetic>",
+// e.g. "adamw.bf16x16.bf16.ieee" (weights f32, bf16x0/8/16 or f16x0/8/16; states f32 or bf16).
+std::string step_variant(const char* rule, const StepLists& L);
+
+// Totals of a call's slot table (fill_slots).
+struct SlotTotals {
+  int64_t slots = 0;   // non-empty tensors
+  int64_t tiles = 0;   // CUDA tiles (tiles_of) over the slots
+  int64_t chunks = 0;  // update-size control's chunks and rows over the slots (0 without control)
+  int64_t rows = 0;
+};
+
+// Writes one TensorSlot per non-empty tensor of L (whose lists are checked, with `num_states`
+// state lists) into `slots`, which has room for L.params.size(): the tensors' pointers, and the
+// tile, chunk and row numbering of a CUDA launch. row_coef is left null.
+SlotTotals fill_slots(const StepLists& L, int num_states, TensorSlot* slots);
 
 // "ieee" -> false, "pam" -> true; anything else is an error naming the op.
 bool parse_arithmetic(const char* op, c10::string_view arithmetic);

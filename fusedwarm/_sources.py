@@ -1,20 +1,33 @@
-"""The extension's source list and compile flags: shared by the JIT build and setup.py.
+"""The extension's sources, kernel variants and compile flags: shared by the JIT build and setup.py.
 
 Plain data read by setup.py without torch, so it imports nothing from torch or fusedwarm.
 """
 
 import platform
 
-CPU_SOURCES = ("ops.cpp", "ops_common.cpp", "cpu/step_cpu_adamw.cpp", "cpu/step_cpu_sgd.cpp", "cpu/step_cpu_lion.cpp",
-               "cpu/pam_cpu.cpp")
-CUDA_SOURCES = ("cuda/ops_cuda.cpp", "cuda/step_kernels_adamw.cu", "cuda/step_kernels_sgd.cu",
-                "cuda/step_kernels_lion.cu", "cuda/schedule_kernels.cu", "cuda/pam_kernels.cu")
-# The emulated CUDA device (csrc/emu): the CUDA backend's host path and kernel files, compiled by
-# g++ against a CUDA shim into a library of its own (ops namespace fusedwarm_emu), built only
-# when something asks for it (fusedwarm.emulator, the tests).
-EMU_SOURCES = ("ops_common.cpp", "emu/ops_emu.cpp", "emu/runtime.cpp", "emu/step_kernels_adamw.cpp",
-               "emu/step_kernels_sgd.cpp", "emu/step_kernels_lion.cpp", "emu/other_kernels.cpp")
-HEADER_SUFFIXES = (".h", ".cuh", ".cu")
+# The torch-facing library, built once (no CUDA toolkit needed): op schemas and registrations,
+# argument checks and packing, the CPU host side and the non-step CPU ops. Sources that only a
+# torch with CUDA needs (the GPU host side, which drives NVRTC-compiled kernels through the CUDA
+# driver) are added there.
+CORE_SOURCES = ("ops.cpp", "ops_common.cpp", "variants.cpp", "cpu/step_cpu.cpp", "cpu/pam_cpu.cpp")
+CORE_CUDA_SOURCES = ("cuda/ops_cuda.cpp",)
+# The emulated CUDA device (csrc/emu): the CUDA backend's host path compiled by g++ against a CUDA
+# shim into a library of its own (ops namespace fusedwarm_emu), built only when something asks for
+# it (fusedwarm.emulator, the tests); its kernels are variants like the others.
+EMU_SOURCES = ("ops_common.cpp", "variants.cpp", "emu/ops_emu.cpp", "emu/runtime.cpp")
+
+# Kernel variants, compiled on first use, one translation unit each with the variant's types as
+# macros. A step variant's name is "<rule>.<weights>.<states>.<arithmetic>" (csrc/ops_common.cpp,
+# step_variant); the CUDA and emulated backends also have the module "misc".
+VARIANT_SOURCES = {"cpu": "cpu/step_variant.cpp", "cuda": "cuda/step_variant.cu", "emu": "emu/step_variant.cpp"}
+MISC_SOURCES = {"cuda": "cuda/misc_kernels.cu", "emu": "emu/misc_kernels.cpp"}
+RULES = {"adamw": "fw::AdamW", "sgd": "fw::SGD", "sgdm": "fw::SGDMomentum", "lion": "fw::Lion"}
+WEIGHTS = {"f32": "fw::ParamF32"} | {
+    f"{name}x{bits}": f"fw::ParamHalf<fw::{fmt},{bits}>"
+    for name, fmt in (("bf16", "BF16Format"), ("f16", "F16Format")) for bits in (0, 8, 16)}
+STATES = {"f32": "fw::StateF32", "bf16": "fw::StateBF16"}
+ARITHMETICS = {"ieee": "fw::Ieee", "pam": "fw::Pam"}
+HEADER_SUFFIXES = (".h", ".cuh", ".cu", ".cpp")
 
 # -ffp-contract=off / --fmad=false: no fused multiply-add that one backend would do and the other
 # not (DESIGN.md: backends agree bit for bit). No fast-math anywhere; -fno-math-errno only lets
@@ -24,10 +37,15 @@ HEADER_SUFFIXES = (".h", ".cuh", ".cu")
 # where the CPU has AVX-512, GCC's default tuning still picks 256-bit vectors; the element loop is
 # compute-bound and runs about 1.4x faster with 512-bit ones (benchmarks/step.py). Without AVX-512
 # the option changes nothing.
-CXX_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp") + (
+FP_FLAGS = ("-ffp-contract=off", "-fno-math-errno")
+VARIANT_FLAGS = ("-O3", "-march=native", *FP_FLAGS) + (
     ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())
-CUDA_FLAGS = ("-O3", "--fmad=false", "-lineinfo")
+# The torch-facing library: host code (packing, checks) plus the CPU PAM ops. -fopenmp: ATen's
+# at::parallel_for is OpenMP inside the headers, so without it the CPU ops would run on one thread.
+CXX_FLAGS = ("-O2", "-march=native", *FP_FLAGS, "-fopenmp")
 LD_FLAGS = ("-fopenmp",)
+# NVRTC: C++17, no contraction, line info for profilers.
+NVRTC_FLAGS = ("-std=c++17", "--fmad=false", "-lineinfo")
 # The emulator's kernels follow the same floating-point rules (no contraction, no fast-math); they
 # need not be fast, so no -march=native and -O1 for a shorter build. The vector loads read
 # halves and floats as uint4 words, as CUDA code does: -fno-strict-aliasing keeps g++ from

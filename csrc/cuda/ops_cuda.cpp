@@ -1,31 +1,163 @@
-// CUDA backend host adapter (layers 2-3 of DESIGN.md): the real GPU as host.h's device policy,
-// and the CUDA registrations of the ops.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
+// CUDA backend host adapter (layers 2-3 of DESIGN.md): a real GPU as host.h's device policy, and
+// the CUDA registrations of the ops.
+//
+// It needs no CUDA toolkit to build: the kernels are NVRTC-compiled cubins (fusedwarm/_build.py),
+// loaded and launched through the CUDA driver (libcuda.so.1, present wherever a GPU is), whose
+// few entry points are looked up at run time; torch gives the device guard, the current stream
+// (c10::Stream::native_handle) and memory. The driver API's C ABI is stable, so it is declared
+// here rather than included.
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <dlfcn.h>
 
+#include <fstream>
+#include <iterator>
+#include <map>
 #include <mutex>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda/host.h"
+#include "variants.h"
 
 namespace fusedwarm {
 
 namespace {
 
+using CUresult = int;
+using CUdevice = int;
+using CUmodule = void*;
+using CUfunction = void*;
+using CUstream = void*;
+constexpr CUresult kCudaSuccess = 0;
+constexpr int kAttrMultiprocessorCount = 16;      // CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+constexpr int kAttrComputeCapabilityMajor = 75;   // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+constexpr int kAttrComputeCapabilityMinor = 76;   // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
+constexpr int kStreamCaptureStatusNone = 0;       // CU_STREAM_CAPTURE_STATUS_NONE
+
+// The driver entry points fusedwarm uses.
+struct Driver {
+  CUresult (*get_error_string)(CUresult, const char**);
+  CUresult (*ctx_get_device)(CUdevice*);
+  CUresult (*device_get_attribute)(int*, int, CUdevice);
+  CUresult (*module_load_data)(CUmodule*, const void*);
+  CUresult (*module_get_function)(CUfunction*, CUmodule, const char*);
+  CUresult (*occupancy)(int*, CUfunction, int, size_t);
+  CUresult (*launch)(CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int,
+                     unsigned int, CUstream, void**, void**);
+  CUresult (*stream_is_capturing)(CUstream, int*);
+
+  std::string error(CUresult r) const {
+    const char* text = nullptr;
+    return get_error_string(r, &text) == kCudaSuccess && text != nullptr ? text : "CUDA error " + std::to_string(r);
+  }
+};
+
+const Driver& driver() {
+  static const Driver d = [] {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    TORCH_CHECK(lib != nullptr, "fusedwarm: the CUDA driver (libcuda.so.1) could not be loaded: ", dlerror());
+    auto get = [&](auto& fn, const char* name) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
+      TORCH_CHECK(fn != nullptr, "fusedwarm: the CUDA driver has no ", name, "; update the NVIDIA driver");
+    };
+    Driver r{};
+    get(r.get_error_string, "cuGetErrorString");
+    get(r.ctx_get_device, "cuCtxGetDevice");
+    get(r.device_get_attribute, "cuDeviceGetAttribute");
+    get(r.module_load_data, "cuModuleLoadData");
+    get(r.module_get_function, "cuModuleGetFunction");
+    get(r.occupancy, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+    get(r.launch, "cuLaunchKernel");
+    get(r.stream_is_capturing, "cuStreamIsCapturing");
+    return r;
+  }();
+  return d;
+}
+
+void check(CUresult r, const char* what, const at::Device& device) {
+  TORCH_CHECK(r == kCudaSuccess, "fusedwarm: ", what, " on ", device, " failed: ", driver().error(r));
+}
+
 struct CudaDevice {
   static constexpr const char* kName = "CUDA";
+  using Kernel = CUfunction;
 
   class Scope {
    public:
     explicit Scope(const at::Device& device)
-        : guard_(device), stream_(c10::cuda::getCurrentCUDAStream(device.index()).stream()) {}
-    cudaStream_t stream() const { return stream_; }
+        : guard_(device),
+          stream_(c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle()) {}
+    void* stream() const { return stream_; }
 
    private:
-    c10::cuda::CUDAGuard guard_;
-    cudaStream_t stream_;
+    c10::DeviceGuard guard_;
+    void* stream_;
   };
+
+  // The kernel from the module's cubin, NVRTC-compiled for this device's architecture on first
+  // use and loaded into its primary context (current under the Scope's device guard).
+  static Kernel kernel(const std::string& module, const char* name, const at::Device& device) {
+    static std::mutex mutex;
+    static std::map<std::tuple<int, std::string, std::string>, Kernel> loaded;
+    static std::map<std::pair<int, std::string>, CUmodule> modules;
+    const auto key = std::make_tuple(device.index(), module, std::string(name));
+    {
+      const std::lock_guard<std::mutex> lock(mutex);
+      const auto it = loaded.find(key);
+      if (it != loaded.end()) return it->second;
+    }
+    // Outside the lock: the first use of a variant compiles it (seconds), and other threads'
+    // launches of ready kernels should not wait for that.
+    CUdevice dev = 0;
+    int major = 0, minor = 0;
+    check(driver().ctx_get_device(&dev), "querying the current CUDA device", device);
+    check(driver().device_get_attribute(&major, kAttrComputeCapabilityMajor, dev), "querying the architecture",
+          device);
+    check(driver().device_get_attribute(&minor, kAttrComputeCapabilityMinor, dev), "querying the architecture",
+          device);
+    const std::string path = variant_file("cuda-sm_" + std::to_string(10 * major + minor), module);
+    const std::lock_guard<std::mutex> lock(mutex);
+    CUmodule& mod = modules[{device.index(), module}];
+    if (mod == nullptr) {
+      std::ifstream in(path, std::ios::binary);
+      TORCH_CHECK(in, "fusedwarm: reading the kernel module ", path, " failed");
+      const std::vector<char> image((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      check(driver().module_load_data(&mod, image.data()), ("loading " + path).c_str(), device);
+    }
+    Kernel k = nullptr;
+    check(driver().module_get_function(&k, mod, name), (std::string("finding kernel ") + name).c_str(), device);
+    loaded.emplace(key, k);
+    return k;
+  }
+
+  // Multiprocessors x blocks of kThreads the kernel can keep resident on each: queried once per
+  // kernel and device.
+  static int64_t resident_blocks(Kernel kernel, const at::Device& device) {
+    static std::mutex mutex;
+    static std::map<std::pair<int, Kernel>, int64_t> known;
+    const std::lock_guard<std::mutex> lock(mutex);
+    int64_t& blocks = known[{device.index(), kernel}];
+    if (blocks == 0) {
+      CUdevice dev = 0;
+      int sms = 0, per_sm = 0;
+      check(driver().ctx_get_device(&dev), "querying the current CUDA device", device);
+      check(driver().device_get_attribute(&sms, kAttrMultiprocessorCount, dev), "querying the multiprocessors",
+            device);
+      check(driver().occupancy(&per_sm, kernel, kThreads, 0), "the occupancy query", device);
+      blocks = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+    }
+    return blocks;
+  }
+
+  static void launch(Kernel kernel, Dim3 grid, Dim3 block, void* stream, void** params, const char* what,
+                     const at::Device& device) {
+    const CUresult r =
+        driver().launch(kernel, grid.x, grid.y, grid.z, block.x, block.y, block.z, 0, stream, params, nullptr);
+    TORCH_CHECK(r == kCudaSuccess, "fusedwarm: launching the CUDA ", what, " kernel on ", device,
+                " failed: ", driver().error(r));
+  }
 
   static at::Tensor staging(int64_t bytes) {
     return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -36,12 +168,11 @@ struct CudaDevice {
   // recent releases; older ones (which setup.py admits) may give it to a new owner after the
   // capture, and the graph would then read someone else's bytes at replay. A staging buffer used
   // during capture is therefore kept for the life of the process (one slot table per capture).
-  static void keep_until_replay(const at::Tensor& staging, cudaStream_t stream) {
-    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    const cudaError_t err = cudaStreamIsCapturing(stream, &status);
-    TORCH_CHECK(err == cudaSuccess, "fusedwarm: querying the CUDA stream's capture status failed: ",
-                cudaGetErrorString(err));
-    if (status == cudaStreamCaptureStatusNone) return;
+  static void keep_until_replay(const at::Tensor& staging, void* stream) {
+    int status = kStreamCaptureStatusNone;
+    const CUresult r = driver().stream_is_capturing(stream, &status);
+    TORCH_CHECK(r == kCudaSuccess, "fusedwarm: querying the CUDA stream's capture status failed: ", driver().error(r));
+    if (status == kStreamCaptureStatusNone) return;
     static std::mutex mutex;
     static std::vector<at::Tensor> kept;
     const std::lock_guard<std::mutex> lock(mutex);

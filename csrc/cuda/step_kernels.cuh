@@ -1,26 +1,36 @@
-// CUDA backend (layer 2 of DESIGN.md): the multi-tensor step kernel, as templates. Each
-// step_kernels_<rule>.cu instantiates one rule's variants (so a build compiles them in parallel);
-// the emulated device (csrc/emu) compiles those same files with g++.
+// CUDA backend (layer 2 of DESIGN.md): the multi-tensor step kernels' bodies, as templates over
+// (Rule, weight format, state format, arithmetic). cuda/step_variant.cu instantiates one variant
+// as extern "C" kernels; NVRTC compiles it at run time for the user's GPU, g++ for the emulated
+// device (csrc/emu), nvcc where a toolkit is installed. Device code only: grid sizing and the
+// launch are the host's (cuda/host.h).
 //
 // It only moves data. Every value it writes comes from fw::update_element, the function the CPU
 // backend calls, with the per-tensor scalars computed by the same Rule::scalars from the same lr
 // and step, and random bits keyed by (seed, tensor, step, element) only; so the two backends
 // agree bit for bit whatever the grid, block or vector layout.
 #pragma once
+#if !defined(__CUDACC_RTC__)
 #include <cuda_runtime.h>
+#endif
 
-#include <type_traits>
-
-#include "launch.cuh"
-#include "step_kernels.h"
+#include "step_abi.h"
 
 namespace fusedwarm {
 namespace gpu {
 namespace {
 
-// One 128-bit access, or one 64-bit access for the kPack int8 extra bits.
+// One 128-bit access, or one 64-bit access for the kPack int8 extra bits (no <type_traits>:
+// NVRTC has none).
+template <bool Wide>
+struct WordFor {
+  using type = uint4;
+};
+template <>
+struct WordFor<false> {
+  using type = uint2;
+};
 template <class T>
-using WordOf = std::conditional_t<(sizeof(T) * kPack >= 16), uint4, uint2>;
+using WordOf = typename WordFor<(sizeof(T) * kPack >= 16)>::type;
 
 // kPack consecutive elements, viewed as the words that load and store them.
 template <class T>
@@ -191,7 +201,7 @@ __device__ __forceinline__ int64_t find_slot(const TensorSlot* slots, int64_t co
 // more blocks than tiles), so the one binary search per block is followed by a forward walk
 // through the slots it spans.
 template <class Rule, class P, class S, class M>
-__global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, const typename Rule::Hyper hyper) {
+__device__ __forceinline__ void step_body(const LaunchArgs& a, const typename Rule::Hyper& hyper) {
   const int64_t blocks = gridDim.x;
   const int64_t b = blockIdx.x;
   const int64_t per_block = a.num_tiles / blocks;
@@ -216,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const LaunchArgs a, cons
 // Update-size control, first pass: thread g sums global chunk g in index order
 // (fw::norm_accumulate) into partials[g]. Nothing is written to the tensors.
 template <class Rule, class P, class S, class M>
-__global__ void __launch_bounds__(kThreads) norm_chunks_kernel(const LaunchArgs a, const typename Rule::Hyper hyper) {
+__device__ __forceinline__ void norm_chunks_body(const LaunchArgs& a, const typename Rule::Hyper& hyper) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (g >= a.num_chunks) return;
   const TensorSlot t = a.slots[find_slot<&TensorSlot::first_chunk>(a.slots, a.num_slots, g)];
@@ -242,8 +252,7 @@ __global__ void __launch_bounds__(kThreads) norm_chunks_kernel(const LaunchArgs 
 // Update-size control, second pass: thread r adds global row r's chunk sums in chunk order
 // (fw::norm_accumulate_chunk) and writes the row's coefficients (fw::row_coefficients).
 template <class Rule>
-__global__ void __launch_bounds__(kThreads) row_coefficients_kernel(const LaunchArgs a,
-                                                                    const typename Rule::Hyper hyper) {
+__device__ __forceinline__ void row_coefficients_body(const LaunchArgs& a, const typename Rule::Hyper& hyper) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (r >= a.num_rows) return;
   const TensorSlot t = a.slots[find_slot<&TensorSlot::first_row>(a.slots, a.num_slots, r)];
@@ -255,58 +264,7 @@ __global__ void __launch_bounds__(kThreads) row_coefficients_kernel(const Launch
   t.row_coef[row] = fw::row_coefficients(a.control, fw::effective_lr(hyper.schedule, lr, *t.step), sums);
 }
 
-inline unsigned int blocks_for(int64_t threads) { return static_cast<unsigned int>((threads + kThreads - 1) / kThreads); }
-
 }  // namespace
-
-template <class Rule, class P, class S, class M>
-cudaError_t launch_step(const LaunchArgs& args, const typename Rule::Hyper& hyper, cudaStream_t stream) {
-  if (args.num_tiles == 0) return cudaSuccess;
-  const dim3 block(kThreads);
-  if (args.num_rows > 0) {
-    cudaError_t err = launch(norm_chunks_kernel<Rule, P, S, M>, dim3(blocks_for(args.num_chunks)), block, stream,
-                             args, hyper);
-    if (err != cudaSuccess) return err;
-    err = launch(row_coefficients_kernel<Rule>, dim3(blocks_for(args.num_rows)), block, stream, args, hyper);
-    if (err != cudaSuccess) return err;
-  }
-  const auto kernel = step_kernel<Rule, P, S, M>;
-  // As many blocks as can be resident at once: each then walks its range of tiles in a single
-  // wave, and the grid stays far below gridDim.x's limit whatever the number of elements.
-  int device = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  if (err != cudaSuccess) return err;
-  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-  const int64_t grid = args.num_tiles < resident ? args.num_tiles : resident;
-  return launch(kernel, dim3(static_cast<unsigned int>(grid)), block, stream, args, hyper);
-}
-
-// Every variant of one rule, for the step_kernels_<rule>.cu files (inside namespace gpu).
-namespace variants {
-using Bf16K0 = fw::ParamHalf<fw::BF16Format, 0>;
-using Bf16K8 = fw::ParamHalf<fw::BF16Format, 8>;
-using Bf16K16 = fw::ParamHalf<fw::BF16Format, 16>;
-using F16K0 = fw::ParamHalf<fw::F16Format, 0>;
-using F16K8 = fw::ParamHalf<fw::F16Format, 8>;
-using F16K16 = fw::ParamHalf<fw::F16Format, 16>;
-}  // namespace variants
-
-#define FW_INSTANTIATE(Rule, P, S)                                                                             \
-  template cudaError_t launch_step<Rule, P, S, fw::Ieee>(const LaunchArgs&, const Rule::Hyper&, cudaStream_t); \
-  template cudaError_t launch_step<Rule, P, S, fw::Pam>(const LaunchArgs&, const Rule::Hyper&, cudaStream_t);
-#define FW_INSTANTIATE_STATES(Rule, P)   \
-  FW_INSTANTIATE(Rule, P, fw::StateF32)  \
-  FW_INSTANTIATE(Rule, P, fw::StateBF16)
-#define FW_INSTANTIATE_RULE(Rule)                \
-  FW_INSTANTIATE_STATES(Rule, fw::ParamF32)      \
-  FW_INSTANTIATE_STATES(Rule, variants::Bf16K0)  \
-  FW_INSTANTIATE_STATES(Rule, variants::Bf16K8)  \
-  FW_INSTANTIATE_STATES(Rule, variants::Bf16K16) \
-  FW_INSTANTIATE_STATES(Rule, variants::F16K0)   \
-  FW_INSTANTIATE_STATES(Rule, variants::F16K8)   \
-  FW_INSTANTIATE_STATES(Rule, variants::F16K16)
 
 }  // namespace gpu
 }  // namespace fusedwarm

@@ -3,7 +3,7 @@
 // The kernel sources compile unchanged: __CUDA_ARCH__ is defined, so the math headers take their
 // device branches, and the device intrinsics they call follow the GPU's rules (each arithmetic
 // intrinsic is one IEEE operation rounded to nearest even, and a NaN result is the GPU's NaN,
-// 0x7FFFFFFF, whatever the operands). A launch (launch.cuh) runs every block of the grid, one
+// 0x7FFFFFFF, whatever the operands). A launch (emu::launch) runs every block of the grid, one
 // block at a time; the threads of a block are fibers (runtime.cpp), so __syncthreads is a real
 // barrier: each thread runs until it reaches one, and no thread passes it before every thread of
 // the block has arrived. __shared__ variables are static, which is one copy per block because
@@ -62,6 +62,23 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
     auto* call = static_cast<Call*>(c);
     std::apply(call->kernel, call->params);
   }, &call);
+}
+
+// The BoxedLaunch of a kernel (cuda_runtime_api.h).
+template <class... Params, size_t... I>
+cudaError_t launch_unboxed(void (*kernel)(Params...), dim3 grid, dim3 block, void** params,
+                           std::index_sequence<I...>) {
+  return launch(kernel, grid, block, nullptr, *static_cast<const std::decay_t<Params>*>(params[I])...);
+}
+
+template <class... Params>
+constexpr size_t arity(void (*)(Params...)) {
+  return sizeof...(Params);
+}
+
+template <auto Kernel>
+cudaError_t launch_boxed(dim3 grid, dim3 block, void** params) {
+  return launch_unboxed(Kernel, grid, block, params, std::make_index_sequence<arity(Kernel)>());
 }
 
 }  // namespace emu

@@ -39,6 +39,9 @@ namespace fusedwarm {
 namespace emu {
 // The emulated occupancy: blocks of any kernel resident on one multiprocessor (configure()).
 int blocks_per_multiprocessor();
+// A launch from a table of pointers to the arguments, as cuLaunchKernel takes them: how the host
+// path (cuda/host.h) launches the emulated kernels (emu/kernel_table.h, emu::launch_boxed).
+using BoxedLaunch = cudaError_t (*)(dim3 grid, dim3 block, void** params);
 }  // namespace emu
 }  // namespace fusedwarm
 

@@ -5,8 +5,14 @@
 // that the CUDA backend implements here instead, through the same Python code.
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+
 #include "cuda/host.h"
 #include "emu/runtime.h"
+#include "variants.h"
 
 namespace fusedwarm {
 
@@ -14,18 +20,53 @@ namespace {
 
 struct EmuDevice {
   static constexpr const char* kName = "emulated CUDA";
+  using Kernel = emu::BoxedLaunch;
 
   class Scope {
    public:
     explicit Scope(const at::Device& device) {
       TORCH_CHECK(device.is_cpu(), "fusedwarm_emu: the emulated CUDA device works on CPU tensors, got ", device);
     }
-    cudaStream_t stream() const { return nullptr; }
+    void* stream() const { return nullptr; }
   };
+
+  // The kernel from the module's library, compiled by g++ on first use (variants.h).
+  static Kernel kernel(const std::string& module, const char* name, const at::Device&) {
+    static std::mutex mutex;
+    static std::map<std::pair<std::string, std::string>, Kernel> loaded;
+    const auto key = std::make_pair(module, std::string(name));
+    {
+      const std::lock_guard<std::mutex> lock(mutex);
+      const auto it = loaded.find(key);
+      if (it != loaded.end()) return it->second;
+    }
+    // Outside the lock: the first use of a variant compiles it.
+    using Table = Kernel (*)(const char*);
+    const auto table = reinterpret_cast<Table>(library_symbol(variant_file("emu", module), "fusedwarm_emu_kernel"));
+    const Kernel k = table(name);
+    TORCH_CHECK(k != nullptr, "fusedwarm_emu: the kernel library of ", module, " has no kernel ", name);
+    const std::lock_guard<std::mutex> lock(mutex);
+    loaded.emplace(key, k);
+    return k;
+  }
+
+  // What a GPU's occupancy query returns, as configured (emu::Config).
+  static int64_t resident_blocks(Kernel, const at::Device&) {
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+    return static_cast<int64_t>(sms) * emu::blocks_per_multiprocessor();
+  }
+
+  static void launch(Kernel kernel, Dim3 grid, Dim3 block, void*, void** params, const char* what,
+                     const at::Device& device) {
+    const cudaError_t err = kernel(dim3(grid.x, grid.y, grid.z), dim3(block.x, block.y, block.z), params);
+    TORCH_CHECK(err == cudaSuccess, "fusedwarm: launching the ", kName, " ", what, " kernel on ", device,
+                " failed: ", cudaGetErrorString(err));
+  }
 
   static at::Tensor staging(int64_t bytes) { return at::empty({bytes}, at::TensorOptions().dtype(at::kByte)); }
 
-  static void keep_until_replay(const at::Tensor&, cudaStream_t) {}
+  static void keep_until_replay(const at::Tensor&, void*) {}
 };
 
 void configure(int64_t sms, int64_t blocks_per_sm, c10::string_view order, int64_t seed) {

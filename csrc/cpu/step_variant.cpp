@@ -1,16 +1,19 @@
-// CPU backend: loops over tensors and, in parallel, over elements; all math is in
-// include/fusedwarm/update.cuh. Included by one source file per rule (step_cpu_<rule>.cpp), so
-// that the build compiles the rules' element loops in parallel.
-#pragma once
-#include "step_cpu.h"
-
-#include <ATen/Parallel.h>
-
+// CPU backend (layer 2 of DESIGN.md): one step variant, the translation unit fusedwarm/_build.py
+// compiles into a small shared library the first time a step needs it, with the variant's types
+// given as macros (FW_RULE, FW_PARAM, FW_STATE, FW_ARITH: see cuda/step_variant.cu). It loops over
+// the call's tensors and, in parallel, over their elements; all math is in
+// include/fusedwarm/update.cuh. Torch-free (step_abi.h is its whole interface), so a variant
+// compiles in seconds and links against nothing.
 #include <algorithm>
 #include <atomic>
 #include <vector>
 
-#include "chunk.h"
+#include "cpu/chunk.h"
+#include "step_abi.h"
+
+#if !defined(FW_RULE) || !defined(FW_PARAM) || !defined(FW_STATE) || !defined(FW_ARITH)
+#error "cpu/step_variant.cpp needs FW_RULE, FW_PARAM, FW_STATE and FW_ARITH (see fusedwarm/_build.py)"
+#endif
 
 namespace fusedwarm {
 
@@ -18,10 +21,17 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
+// The torch-facing library's at::parallel_for, with a lambda as the body.
+template <class F>
+void parallel_for(const CpuStepCall& call, int64_t begin, int64_t end, int64_t grain, F&& f) {
+  call.parallel_for(begin, end, grain, [](void* c, int64_t b, int64_t e) { (*static_cast<F*>(c))(b, e); },
+                    static_cast<void*>(&f));
+}
+
 // The update-size control's coefficients of each row (update.cuh, row_coefficients), with the
 // sums in the order fixed there: chunk sums in parallel, then each row adds its chunks in order.
 template <class Rule, class P, class S, class M>
-std::vector<fw::RowCoef> row_coefficients(const typename Rule::Scalars& sc, const fw::Control& control, float lr,
+std::vector<fw::RowCoef> row_coefficients(const CpuStepCall& call, const typename Rule::Scalars& sc, const fw::Control& control, float lr,
                                           float grad_scale, int64_t n, int64_t row_size,
                                           const typename P::storage* w, const typename P::storage* g,
                                           const typename P::extra_storage* ext, const typename S::storage* s0,
@@ -29,7 +39,7 @@ std::vector<fw::RowCoef> row_coefficients(const typename Rule::Scalars& sc, cons
   const int64_t rows = n / row_size;
   const int64_t per_row = (row_size + fw::kNormChunk - 1) / fw::kNormChunk;
   std::vector<fw::NormSums> partial(static_cast<size_t>(rows * per_row));
-  at::parallel_for(0, rows * per_row, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(call, 0, rows * per_row, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t row = c / per_row;
       const int64_t first = row * row_size + (c % per_row) * fw::kNormChunk;
@@ -57,11 +67,11 @@ std::vector<fw::RowCoef> row_coefficients(const typename Rule::Scalars& sc, cons
 // One tensor of a call, as the element loop needs it.
 template <class Rule, class P, class S>
 struct TensorWork {
-  size_t tensor;  // its index in the call's lists
+  int64_t* nonfinite;  // TensorSlot::nonfinite
   typename Rule::Scalars sc;
   uint64_t step;
   uint32_t tensor_id;
-  int64_t offset;  // the index of element 0 in the full tensor (StepLists::element_offsets)
+  int64_t offset;  // the index of element 0 in the full tensor (TensorSlot::element_offset)
   float grad_scale;
   int64_t row_size;
   typename P::storage* w;
@@ -76,41 +86,43 @@ struct TensorWork {
 // threads start and join once per call, not once per tensor, and small tensors (biases, norms)
 // share the threads with large ones instead of running alone.
 template <class Rule, class P, class S, class M>
-void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
+void run_typed(const CpuStepCall& call) {
   using PS = typename P::storage;
   using SS = typename S::storage;
   constexpr int kS = Rule::kStates;
-  const float lr = L.lr_tensor ? L.lr_tensor->data_ptr<float>()[0] : static_cast<float>(L.lr);
-  const uint64_t seed = static_cast<uint64_t>(L.seed);
-  const bool control = L.control.mode != fw::kControlNone;
+  const typename Rule::Hyper& h = *static_cast<const typename Rule::Hyper*>(call.hyper);
+  const float lr = call.lr;
+  const uint64_t seed = call.seed;
+  const bool control = call.control.mode != fw::kControlNone;
   std::vector<TensorWork<Rule, P, S>> work;
   std::vector<int64_t> start{0};  // work[j] holds elements [start[j], start[j + 1]) of the concatenation
-  for (size_t i = 0; i < L.params.size(); ++i) {
-    const int64_t n = L.params[i].numel();
-    if (n == 0) continue;
-    const int64_t step = L.steps[i].data_ptr<int64_t>()[0];
+  for (int64_t i = 0; i < call.num_slots; ++i) {
+    const TensorSlot& slot = call.slots[i];
+    const int64_t n = slot.numel;
+    const int64_t step = *slot.step;
     TensorWork<Rule, P, S> t;
-    t.tensor = i;
+    t.nonfinite = slot.nonfinite;
     t.sc = Rule::template scalars<fw::Ieee>(h, lr, step);
     t.step = static_cast<uint64_t>(step);
-    t.tensor_id = static_cast<uint32_t>(L.tensor_ids[i]);
-    t.offset = L.element_offsets.empty() ? 0 : L.element_offsets[i];
-    t.grad_scale = L.grad_scales ? L.grad_scales->data_ptr<float>()[i] : 1.0f;
-    t.row_size = control ? n / L.update_rows[i] : n;
-    t.w = static_cast<PS*>(L.params[i].data_ptr());
-    t.g = static_cast<const PS*>(L.grads[i].data_ptr());
-    t.ext = P::K > 0 ? static_cast<typename P::extra_storage*>(L.extras[i].data_ptr()) : nullptr;
-    t.s0 = kS > 0 ? static_cast<SS*>(L.states[0][i].data_ptr()) : nullptr;
-    t.s1 = kS > 1 ? static_cast<SS*>(L.states[1][i].data_ptr()) : nullptr;
-    t.coefs = control ? row_coefficients<Rule, P, S, M>(t.sc, L.control, fw::effective_lr(h.schedule, lr, step),
-                                                        t.grad_scale, n, t.row_size, t.w, t.g, t.ext, t.s0, t.s1)
+    t.tensor_id = slot.tensor_id;
+    t.offset = slot.element_offset;
+    t.grad_scale = slot.grad_scale != nullptr ? *slot.grad_scale : 1.0f;
+    t.row_size = slot.row_size;
+    t.w = static_cast<PS*>(slot.param);
+    t.g = static_cast<const PS*>(slot.grad);
+    t.ext = P::K > 0 ? static_cast<typename P::extra_storage*>(slot.extra) : nullptr;
+    t.s0 = kS > 0 ? static_cast<SS*>(slot.state[0]) : nullptr;
+    t.s1 = kS > 1 ? static_cast<SS*>(slot.state[1]) : nullptr;
+    t.coefs = control ? row_coefficients<Rule, P, S, M>(call, t.sc, call.control,
+                                                        fw::effective_lr(h.schedule, lr, step), t.grad_scale, n,
+                                                        t.row_size, t.w, t.g, t.ext, t.s0, t.s1)
                       : std::vector<fw::RowCoef>{fw::RowCoef{1.0f, 1.0f}};
     work.push_back(std::move(t));
     start.push_back(start.back() + n);
   }
   if (work.empty()) return;
   std::vector<std::atomic<int64_t>> skipped(work.size());
-  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(call, 0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
     size_t j = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
     for (; j < work.size() && start[j] < end; ++j) {
       const TensorWork<Rule, P, S>& t = work[j];
@@ -140,19 +152,15 @@ void run_typed(const StepLists& L, const typename Rule::Hyper& h) {
       if (k != 0) skipped[j].fetch_add(k, std::memory_order_relaxed);
     }
   });
-  if (L.nonfinite) {
-    int64_t* counts = L.nonfinite->data_ptr<int64_t>();
-    for (size_t j = 0; j < work.size(); ++j) counts[work[j].tensor] += skipped[j].load();
+  for (size_t j = 0; j < work.size(); ++j) {
+    if (work[j].nonfinite != nullptr) *work[j].nonfinite += skipped[j].load();
   }
 }
 
 }  // namespace
 
-template <class Rule>
-void CpuBackend::run(const StepLists& L, const typename Rule::Hyper& h) {
-  dispatch_step(L, [&](auto p, auto s, auto m) {
-    run_typed<Rule, typename decltype(p)::type, typename decltype(s)::type, typename decltype(m)::type>(L, h);
-  });
-}
-
 }  // namespace fusedwarm
+
+extern "C" void fusedwarm_cpu_step(const fusedwarm::CpuStepCall* call) {
+  fusedwarm::run_typed<FW_RULE, FW_PARAM, FW_STATE, FW_ARITH>(*call);
+}

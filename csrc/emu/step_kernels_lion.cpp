@@ -1,3 +1,0 @@
-// The emulated device's build of cuda/step_kernels_lion.cu: the same file, compiled by g++ against
-// this directory's CUDA shim.
-#include "cuda/step_kernels_lion.cu"
