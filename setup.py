@@ -1,6 +1,9 @@
-"""Installs fusedwarm. The extension is built just in time on first use (the default); set
+"""Installs fusedwarm. The extension is built just in time on first use (the default): a small
+torch-facing library once, and each kernel variant the first time a step needs it (CUDA kernels
+through NVRTC: ``pip install fusedwarm[cuda]`` adds CuPy; no CUDA toolkit is needed). Set
 FUSEDWARM_BUILD_EXT=1 (with ``pip install --no-build-isolation .`` so torch is importable) to
-build it ahead of time from the same source list and flags."""
+build the torch-facing library ahead of time from the same source list and flags; kernel
+variants are prebuilt with ``python -m fusedwarm build --all``."""
 
 import os
 import shutil
@@ -31,16 +34,12 @@ def ext_modules():
     from torch.utils import cpp_extension
 
     cuda = torch.version.cuda is not None and os.environ.get("FUSEDWARM_CPU_ONLY") != "1"
-    names = SOURCES["CPU_SOURCES"] + (SOURCES["CUDA_SOURCES"] if cuda else ())
-    kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
-    ext = kind(
+    names = SOURCES["CORE_SOURCES"] + (SOURCES["CORE_CUDA_SOURCES"] if cuda else ())
+    ext = cpp_extension.CppExtension(
         "fusedwarm._C",
         [f"csrc/{n}" for n in names],
         include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc")],
-        extra_compile_args={
-            "cxx": list(SOURCES["CXX_FLAGS"]) + (["-DFUSEDWARM_WITH_CUDA"] if cuda else []),
-            "nvcc": list(SOURCES["CUDA_FLAGS"]),
-        },
+        extra_compile_args={"cxx": list(SOURCES["CXX_FLAGS"])},
         extra_link_args=list(SOURCES["LD_FLAGS"]),
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
@@ -53,7 +52,9 @@ setup(
     description="Fused half-precision-only optimizers (AdamW, SGD, Lion) for PyTorch, with a float32 reference",
     packages=["fusedwarm", "fusedwarm.optim", "fusedwarm.reference", "fusedwarm.trainers"],
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "ninja"],
+    install_requires=["torch>=2.4"],
+    # CUDA kernels are compiled at run time by NVRTC through CuPy, matching torch's CUDA major version.
+    extras_require={"cuda": ["cupy-cuda13x"], "cuda13": ["cupy-cuda13x"], "cuda12": ["cupy-cuda12x"]},
     ext_modules=modules,
     cmdclass={"build_py": BuildPyWithSources, **commands},
 )

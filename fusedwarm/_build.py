@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ CSRC = ROOT / "csrc" if (ROOT / "csrc").is_dir() else ROOT.parent / "csrc"
 AOT_GLOB = "_C*.so"  # a torch-facing library built ahead of time by setup.py (FUSEDWARM_BUILD_EXT=1)
 CUPY_PACKAGES = {"12": "cupy-cuda12x", "13": "cupy-cuda13x"}
 
+_log = logging.getLogger(__name__)
 _lock = threading.RLock()
 _loaded: set[str] = set()
 
@@ -135,9 +138,11 @@ def _cache_entry(target: Path, build: Callable[[Path], Path], verbose: bool = Fa
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             if not target.is_file():
+                start = time.perf_counter()
                 with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
                     built = build(Path(tmp))
                     os.replace(built, target)
+                _log.info("built %s in %.1f s", target, time.perf_counter() - start)
                 if verbose:
                     print(f"fusedwarm: built {target}", file=sys.stderr)
         finally:

@@ -22,6 +22,5 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "fusedwarm: no torch found; installing torch==2.13.0 (CPU build)"
   pip_install torch==2.13.0
 fi
-command -v ninja >/dev/null 2>&1 || pip_install ninja
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"
