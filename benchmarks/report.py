@@ -1,8 +1,8 @@
 """Writes the committed benchmark results into README.md: the markdown tables that the benchmark
-scripts write next to their JSON (``MARKDOWN_BLOCKS``: step and training benchmarks, training loop, warmup
-experiment, PAM experiment, lagged clipping, FSDP2 memory per rank) go between ``<!-- NAME:begin -->`` /
-``<!-- NAME:end -->``, so the README's numbers always come from a result file. Without ``--update-readme`` it
-prints them."""
+scripts write next to their JSON (``MARKDOWN_BLOCKS``: step benchmark and its repeated runs, training
+benchmark, training loop, warmup experiment, PAM experiment, lagged clipping, FSDP2 memory per rank) go
+between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``, so the README's numbers always come from a result
+file. Without ``--update-readme`` it prints them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # README block name -> the result file (written by its benchmark script) copied into it.
 MARKDOWN_BLOCKS = {
     "step-results": RESULTS / "step_cpu.md",
+    "step-runs-results": RESULTS / "step_cpu_runs_default.md",
     "train-results": RESULTS / "train_cpu.md",
     "train-loop-results": RESULTS / "train_loop_cpu.md",
     "warmup-experiment-results": RESULTS / "warmup_experiment.md",

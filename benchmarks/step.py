@@ -25,9 +25,15 @@ torch.optim.AdamW(fused=True) on float32 weights from 16M parameters, timed inte
 of each in turn, so both see the same machine load); and that fusedwarm mode at >= 80% (CPU) /
 85% (CUDA) of the copy bandwidth from 16M (CPU) / 100M (CUDA) parameters.
 
-Every large tensor is placed on transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, set here
-before torch loads): otherwise glibc puts tensors allocated after large frees on its heap, which
-made the same optimizer step up to 2x slower depending on which optimizer ran before it.
+It runs in the environment a user has: it sets no allocator variable. fusedwarm places its own
+large CPU state tensors on transparent huge pages (``fusedwarm/_hugepages.py``); every other
+tensor (all of torch's, every optimizer's weights and gradients) sits where glibc puts it. (An
+earlier version set ``THP_MEM_ALLOC_ENABLE=1``, huge pages for every tensor, having measured the
+same optimizer step up to 2x slower without it depending on which optimizer ran before it; its
+numbers were not what a user sees.) ``--no-huge-pages`` turns fusedwarm's placement off, to
+measure what it is worth. Because placement and machine load differ from process to process, one
+run is one sample: ``benchmarks/step_runs.py`` repeats the head-to-head comparison in separate
+processes and reports the range.
 
 Run from the repository root::
 
@@ -58,12 +64,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates anything (see above)
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: E402
-
-import fusedwarm  # noqa: E402
+import fusedwarm
+from fusedwarm import _hugepages
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -335,6 +340,16 @@ def git(*args: str) -> str | None:
         return None
 
 
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``), None where unknown."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else None
+
+
 def environment(device: torch.device) -> dict:
     status = git("status", "--porcelain", "--untracked-files=no")
     env = {
@@ -354,6 +369,9 @@ def environment(device: torch.device) -> dict:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "thp_mode": thp_mode(),
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "fusedwarm_huge_pages": _hugepages.ENABLED,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -483,8 +501,9 @@ def markdown(result: dict, path: Path) -> str:
     lines = [
         f"From `{where}` ({env['device_name']}, {env['torch_threads']} threads, torch {env['torch']}, "
         f"commit {(env['git_commit'] or '?')[:10]}; copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s, "
-        f"in-place add {result['update_bandwidth_gbps']:.1f} GB/s). GPT-style parameter lists; "
-        "per size: median ms per step (fraction of copy bandwidth).",
+        f"in-place add {result['update_bandwidth_gbps']:.1f} GB/s; transparent huge pages: {env['thp_mode']}, "
+        f"fusedwarm's states {'on huge pages' if env['fusedwarm_huge_pages'] else 'off huge pages (--no-huge-pages)'}"
+        "). GPT-style parameter lists; per size: median ms per step (fraction of copy bandwidth).",
         "",
         "| optimizer | bytes moved / param | " + " | ".join(count_label(s["params"]) for s in sizes) + " |",
         "|---|---|" + "---|" * len(sizes),
@@ -623,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(at least 3 timed)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
     parser.add_argument("--only", default=None, help="regular expression: run only the matching optimizers")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="keep fusedwarm's states where torch would allocate them, off transparent huge pages "
+                             "(measures what fusedwarm's placement is worth)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/step_<device>.json)")
     args = parser.parse_args(argv)
@@ -641,8 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.max_seconds <= 0:
         parser.error("--steps must be >= 1, --warmup >= 0 and --max-seconds > 0")
 
+    _hugepages.ENABLED = not args.no_huge_pages
     env = environment(device)
-    env["thp_mem_alloc"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
     all_modes, peers_missing = modes()
     selected = [m for m in all_modes if args.only is None or re.search(args.only, m.name)]
     progress = sys.stderr.isatty()

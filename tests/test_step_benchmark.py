@@ -1,8 +1,10 @@
 """benchmarks/step.py end to end on a tiny parameter list: it runs, its bytes model matches the
-optimizers' real tensors, and its summary and verdicts come from its rows."""
+optimizers' real tensors, and its summary and verdicts come from its rows. benchmarks/step_runs.py:
+its range is the arithmetic of its runs, and bad arguments are refused before anything runs."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -77,3 +79,33 @@ def test_bad_sizes_are_refused_with_a_clear_error(tmp_path, sizes):
     assert proc.returncode == 2
     assert "--sizes" in proc.stderr or "parameter count" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--runs", "0"], "--runs must be at least 1"),
+                                           (["--sizes", "16M,1M"], "--sizes 1M: step.py compares"),
+                                           (["--sizes", "abc"], "not a parameter count"),
+                                           (["--steps", "0"], "--steps must be at least 1")])
+def test_step_runs_refuses_bad_arguments_with_a_clear_error(tmp_path, args, message):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "runs.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_runs.py"), *args, "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not out.exists()
+
+
+def test_step_runs_summary_is_the_range_of_its_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    step_runs = importlib.import_module("step_runs")
+    runs = [{"run": i + 1, "load_average": [0.5, 0.5, 0.5], "sizes": [
+        {"params": 16_000_128, "speedup": s16, "baseline_ms": 10.0, "candidate_ms": 10.0 / s16},
+        {"params": 64_000_000, "speedup": s64, "baseline_ms": 40.0, "candidate_ms": 40.0 / s64}]}
+        for i, (s16, s64) in enumerate([(1.1, 1.35), (0.9, 1.2), (1.3, 1.25)])]
+    summary = step_runs.summarize(runs)
+    assert [(s["min"], s["max"], s["median"], s["runs_meeting_target"]) for s in summary] == [
+        (0.9, 1.3, 1.1, 1), (1.2, 1.35, 1.25, 1)]
+    machine = {k: None for k in step_runs.MACHINE_KEYS} | {"fusedwarm_huge_pages": True}
+    table = step_runs.markdown({"machine": machine, "runs": runs, "summary": summary}, ROOT / "x.json")
+    assert "| 16M | 0.90-1.30x | 1.10x | 1 of 3 | 1.10x (9.09 / 10.00); 0.90x (11.11 / 10.00); 1.30x" in table
+    assert "| 64M | 1.20-1.35x | 1.25x | 1 of 3 |" in table
