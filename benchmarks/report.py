@@ -36,6 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
+    missing = [str(path.relative_to(ROOT)) for path in MARKDOWN_BLOCKS.values() if not path.exists()]
+    if missing:
+        parser.error(f"no result file {', '.join(missing)}: run the benchmark that writes it first (the README's "
+                     f"'Regenerate' line under each result says how)")
     blocks = {name: path.read_text().strip() for name, path in MARKDOWN_BLOCKS.items()}
     if not args.update_readme:
         print(*blocks.values(), sep="\n\n")
