@@ -25,15 +25,14 @@ torch.optim.AdamW(fused=True) on float32 weights from 16M parameters, timed inte
 of each in turn, so both see the same machine load); and that fusedwarm mode at >= 80% (CPU) /
 85% (CUDA) of the copy bandwidth from 16M (CPU) / 100M (CUDA) parameters.
 
-It runs in the environment a user has: it sets no allocator variable. fusedwarm places its own
-large CPU state tensors on transparent huge pages (``fusedwarm/_hugepages.py``); every other
-tensor (all of torch's, every optimizer's weights and gradients) sits where glibc puts it. (An
-earlier version set ``THP_MEM_ALLOC_ENABLE=1``, huge pages for every tensor, having measured the
-same optimizer step up to 2x slower without it depending on which optimizer ran before it; its
-numbers were not what a user sees.) ``--no-huge-pages`` turns fusedwarm's placement off, to
-measure what it is worth. Because placement and machine load differ from process to process, one
-run is one sample: ``benchmarks/step_runs.py`` repeats the head-to-head comparison in separate
-processes and reports the range.
+It runs in the environment a user has: it sets no allocator variable, and every tensor sits where
+glibc puts it. (An earlier version set ``THP_MEM_ALLOC_ENABLE=1``, huge pages for every tensor,
+having measured the same optimizer step up to 2x slower without it depending on which optimizer
+ran before it; its numbers were not what a user sees. Placing fusedwarm's own large state tensors
+on huge pages was tried and measured no faster, 0.95-1.03x, so fusedwarm does not do it.) Because
+placement and machine load differ from process to process, one run is one sample:
+``benchmarks/step_runs.py`` repeats the head-to-head comparison in separate processes and reports
+the range.
 
 Run from the repository root::
 
@@ -68,7 +67,6 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import fusedwarm
-from fusedwarm import _hugepages
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -371,7 +369,6 @@ def environment(device: torch.device) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "thp_mode": thp_mode(),
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-        "fusedwarm_huge_pages": _hugepages.ENABLED,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -501,8 +498,7 @@ def markdown(result: dict, path: Path) -> str:
     lines = [
         f"From `{where}` ({env['device_name']}, {env['torch_threads']} threads, torch {env['torch']}, "
         f"commit {(env['git_commit'] or '?')[:10]}; copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s, "
-        f"in-place add {result['update_bandwidth_gbps']:.1f} GB/s; transparent huge pages: {env['thp_mode']}, "
-        f"fusedwarm's states {'on huge pages' if env['fusedwarm_huge_pages'] else 'off huge pages (--no-huge-pages)'}"
+        f"in-place add {result['update_bandwidth_gbps']:.1f} GB/s; transparent huge pages: {env['thp_mode']}"
         "). GPT-style parameter lists; per size: median ms per step (fraction of copy bandwidth).",
         "",
         "| optimizer | bytes moved / param | " + " | ".join(count_label(s["params"]) for s in sizes) + " |",
@@ -642,9 +638,6 @@ def main(argv: list[str] | None = None) -> int:
                              "(at least 3 timed)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
     parser.add_argument("--only", default=None, help="regular expression: run only the matching optimizers")
-    parser.add_argument("--no-huge-pages", action="store_true",
-                        help="keep fusedwarm's states where torch would allocate them, off transparent huge pages "
-                             "(measures what fusedwarm's placement is worth)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/step_<device>.json)")
     args = parser.parse_args(argv)
@@ -663,7 +656,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.max_seconds <= 0:
         parser.error("--steps must be >= 1, --warmup >= 0 and --max-seconds > 0")
 
-    _hugepages.ENABLED = not args.no_huge_pages
     env = environment(device)
     all_modes, peers_missing = modes()
     selected = [m for m in all_modes if args.only is None or re.search(args.only, m.name)]

@@ -41,7 +41,7 @@ ALLOCATOR_VARIABLES = ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES", "LD_PRELOAD")
 ALLOCATOR_PREFIXES = ("MALLOC_",)
 # The machine and version fields of step.py's environment record that every run shares.
 MACHINE_KEYS = ("cpu_model", "logical_cpus", "usable_cpus", "torch_threads", "torch", "python", "platform",
-                "fusedwarm", "git_commit", "git_dirty", "thp_mode", "fusedwarm_huge_pages")
+                "fusedwarm", "git_commit", "git_dirty", "thp_mode")
 
 
 def default_environment() -> tuple[dict[str, str], list[str]]:
@@ -59,8 +59,6 @@ def run_once(index: int, args, env: dict[str, str], workdir: Path) -> dict:
            ",".join(str(s) for s in args.sizes), "--only", ONLY, "--out", str(out)]
     if args.steps is not None:
         cmd += ["--steps", str(args.steps)]
-    if args.no_huge_pages:
-        cmd.append("--no-huge-pages")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"step_runs: run {index + 1} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -95,13 +93,11 @@ def markdown(result: dict, path: Path) -> str:
     """The range per size with every run's numbers, as the README shows it."""
     m, runs = result["machine"], result["runs"]
     where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    placement = ("fusedwarm's states on huge pages" if m["fusedwarm_huge_pages"]
-                 else "fusedwarm's huge-page placement off (--no-huge-pages)")
     lines = [
         f"From `{where}` ({m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch']}, transparent huge "
         f"pages: {m['thp_mode']}, commit {(m['git_commit'] or '?')[:10]}{' (dirty)' if m['git_dirty'] else ''}): "
         f"{len(runs)} runs of "
-        f"`benchmarks/step.py`, each in its own process in the default environment ({placement}); "
+        f"`benchmarks/step.py`, each in its own process in the default environment; "
         f"{CANDIDATE} vs {BASELINE} timed interleaved, speedup = ratio of median step times.",
         "",
         "| parameters | speedup, range over runs | median | runs at >= " + f"{TARGET_SPEEDUP}x | "
@@ -127,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated parameter counts, each at least {count_label(TARGET_MIN_PARAMS)} "
                              "(the head-to-head's threshold; default: 16M,64M)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: step.py's)")
-    parser.add_argument("--no-huge-pages", action="store_true", help="pass --no-huge-pages to every run")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="JSON path (default: results/step_cpu_runs_default.json)")
     args = parser.parse_args(argv)
@@ -157,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "step_runs", "machine": machines[0], "baseline": BASELINE, "candidate": CANDIDATE,
               "target": TARGET_SPEEDUP,
               "config": {"runs": args.runs, "sizes": args.sizes, "steps": args.steps, "only": ONLY,
-                         "no_huge_pages": args.no_huge_pages, "removed_environment": removed},
+                         "removed_environment": removed},
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "runs": runs, "summary": summarize(runs)}
