@@ -28,8 +28,7 @@ of each in turn, so both see the same machine load); and that fusedwarm mode at 
 It runs in the environment a user has: it sets no allocator variable, and every tensor sits where
 glibc puts it. (An earlier version set ``THP_MEM_ALLOC_ENABLE=1``, huge pages for every tensor,
 having measured the same optimizer step up to 2x slower without it depending on which optimizer
-ran before it; its numbers were not what a user sees. Placing fusedwarm's own large state tensors
-on huge pages was tried and measured no faster, 0.95-1.03x, so fusedwarm does not do it.) Because
+ran before it; its numbers were not what a user sees.) Because
 placement and machine load differ from process to process, one run is one sample:
 ``benchmarks/step_runs.py`` repeats the head-to-head comparison in separate processes and reports
 the range.
