@@ -34,7 +34,8 @@ def ext_modules():
     from torch.utils import cpp_extension
 
     cuda = torch.version.cuda is not None and os.environ.get("FUSEDWARM_CPU_ONLY") != "1"
-    names = SOURCES["CORE_SOURCES"] + (SOURCES["CORE_CUDA_SOURCES"] if cuda else ())
+    units = SOURCES["CORE_UNITS"] + (SOURCES["CORE_CUDA_UNITS"] if cuda else ())
+    names = [name for unit in units for name in unit]
     ext = cpp_extension.CppExtension(
         "fusedwarm._C",
         [f"csrc/{n}" for n in names],

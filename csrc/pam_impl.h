@@ -5,7 +5,9 @@
 // (contiguous float32 tensors on one device, out preallocated; b is undefined for unary ops).
 // The argument checks live here so that both dispatch keys reject bad input the same way.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include "fusedwarm/pam.cuh"
 

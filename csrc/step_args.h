@@ -1,7 +1,9 @@
 // Operator-level view of one fused step: the tensor lists of a call, checked, plus the
 // runtime-to-template dispatch shared by the CPU backend and the CUDA host adapter.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <optional>
 #include <string>

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ._sources import (ARITHMETICS, CORE_CUDA_SOURCES, CORE_SOURCES, CXX_FLAGS, EMU_FLAGS, EMU_SOURCES,
+from ._sources import (ARITHMETICS, CORE_CUDA_UNITS, CORE_UNITS, CXX_FLAGS, EMU_FLAGS, EMU_UNITS,
                        HEADER_SUFFIXES, LD_FLAGS, MISC_SOURCES, NVRTC_FLAGS, RULES, STATES, VARIANT_FLAGS,
                        VARIANT_SOURCES, WEIGHTS)
 
@@ -195,7 +195,7 @@ class Library:
     """A torch-facing library: what it is built from and where it lives in the cache."""
 
     kind: str  # "core" (torch.ops.fusedwarm) or "emu" (torch.ops.fusedwarm_emu)
-    sources: tuple[str, ...]
+    units: tuple[tuple[str, ...], ...]  # translation units, each one or more sources (paths under csrc)
     flags: tuple[str, ...]
     include_dirs: tuple[Path, ...]
     path: Path
@@ -208,19 +208,19 @@ class Library:
 def library(kind: str = "core") -> Library:
     """The library this process would load for ``kind`` (it computes the cache key; it does not build)."""
     if kind == "core":
-        sources = CORE_SOURCES + (CORE_CUDA_SOURCES if torch.version.cuda is not None else ())
+        units = CORE_UNITS + (CORE_CUDA_UNITS if torch.version.cuda is not None else ())
         flags, includes = CXX_FLAGS, (CSRC / "include", CSRC)
     elif kind == "emu":
         # The emulator's CUDA shim comes first, so that <cuda_runtime.h> names it in that build only.
-        sources, flags, includes = EMU_SOURCES, EMU_FLAGS, (CSRC / "emu", CSRC / "include", CSRC)
+        units, flags, includes = EMU_UNITS, EMU_FLAGS, (CSRC / "emu", CSRC / "include", CSRC)
     else:
         raise ValueError(f"fusedwarm: unknown library kind {kind!r}")
-    missing = [n for n in sources if not (CSRC / n).is_file()]
+    missing = [n for unit in units for n in unit if not (CSRC / n).is_file()]
     if missing:
         raise BuildError(f"fusedwarm sources are missing: {', '.join(missing)} (looked in {CSRC})")
     cxx = _cxx()
-    key = _key(kind, sources, flags, LD_FLAGS, _compiler_id(cxx), _cpu_flags())
-    return Library(kind, sources, flags, includes, cache_root() / f"{kind}-{key}" / f"fusedwarm_{kind}.so")
+    key = _key(kind, units, flags, LD_FLAGS, _compiler_id(cxx), _cpu_flags())
+    return Library(kind, units, flags, includes, cache_root() / f"{kind}-{key}" / f"fusedwarm_{kind}.so")
 
 
 def _build_library(lib: Library, verbose: bool) -> Path:
@@ -228,9 +228,13 @@ def _build_library(lib: Library, verbose: bool) -> Path:
     includes = [f"-I{d}" for d in lib.include_dirs]
 
     def build(tmp: Path) -> Path:
-        objects = [tmp / (n.replace("/", "_") + ".o") for n in lib.sources]
-        compile_cmds = [[cxx, "-std=c++17", "-fPIC", *lib.flags, *includes, *_torch_compile_flags(), "-c",
-                         str(CSRC / n), "-o", str(o)] for n, o in zip(lib.sources, objects)]
+        compile_cmds, objects = [], []
+        for i, unit in enumerate(lib.units):
+            source = tmp / f"unit{i}.cpp"
+            source.write_text("".join(f'#include "{CSRC / n}"\n' for n in unit))
+            objects.append(tmp / f"unit{i}.o")
+            compile_cmds.append([cxx, "-std=c++17", "-fPIC", *lib.flags, *includes, *_torch_compile_flags(), "-c",
+                                 str(source), "-o", str(objects[-1])])
         _run_compilers(compile_cmds, f"the fusedwarm {lib.kind} library", verbose)
         out = tmp / lib.path.name
         link = [cxx, "-shared", *map(str, objects), *(LD_FLAGS if lib.kind == "core" else ()), *_torch_link_flags(),

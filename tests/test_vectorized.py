@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fusedwarm._sources import CXX_FLAGS
+from fusedwarm._sources import VARIANT_FLAGS
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CXX = shutil.which("g++")
@@ -81,7 +81,7 @@ def test_element_loop_vectorizes(tmp_path, rule, param, state, arith, coef):
     probe = tmp_path / "probe.cpp"
     probe.write_text(PROBE.format(rule=rule, param=param, state=state, arith=arith, coef=coef))
     result = subprocess.run(
-        [CXX, "-std=c++17", *CXX_FLAGS, f"-I{CSRC / 'include'}", f"-I{CSRC}", "-fopt-info-vec-all", "-c",
+        [CXX, "-std=c++17", *VARIANT_FLAGS, f"-I{CSRC / 'include'}", f"-I{CSRC}", "-fopt-info-vec-all", "-c",
          str(probe), "-o", str(tmp_path / "probe.o")],
         capture_output=True, text=True, timeout=300,
     )

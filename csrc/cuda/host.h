@@ -19,7 +19,8 @@
 //       keeps the staging buffer alive while a CUDA graph that captured its copy may replay it
 // Device memory is allocated with the tensors' own device (torch's caching allocator).
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "ops_impl.h"
