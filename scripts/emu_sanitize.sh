@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the kernel files on the emulated CUDA device (csrc/emu) under AddressSanitizer and
 # UndefinedBehaviorSanitizer: builds the torch-free driver tests/emu/sanitize.cpp with
-# csrc/emu/runtime.cpp and the emulated kernel wrappers (g++ only, no torch, no GPU), runs it, and
-# exits non-zero on any sanitizer report or bit mismatch.
+# csrc/emu/runtime.cpp and the driver's kernel units (tests/emu/sanitize_kernels.cpp, which compiles
+# csrc/cuda/step_kernels.cuh and csrc/cuda/misc_kernels.cu against the CUDA shim: g++ only, no
+# torch, no GPU), runs it, and exits non-zero on any sanitizer report or bit mismatch.
 #
 # Usage: scripts/emu_sanitize.sh [--mutant NAME] [--no-cache]
 #   --mutant NAME  apply tests/emu/mutants/NAME.mutant to the build's copy of csrc/ (the
@@ -20,10 +21,12 @@
 # end of the file. The old text must occur exactly once in the file.
 #
 # The build works on a copy of the sources in a temporary directory. It takes minutes on two cores
-# (the three step kernel files instantiate every variant), so objects are cached by a hash of the
-# compiler, the flags and the preprocessed source (under ${TMPDIR:-/tmp}; entries unused for a
-# week are removed): a mutant rebuilds only the files it changes. AddressSanitizer prints one warning that it does not fully support swapcontext (the
-# emulator's fibers); it is expected and is not a failure.
+# (sanitize_kernels.cpp is compiled once per rule, each time with the rule's step variants, and
+# once for the other kernels), so objects are cached by a hash of the compiler, the flags and the
+# preprocessed source (under ${TMPDIR:-/tmp}; entries unused for a week are removed): a mutant
+# rebuilds only the units that include the file it changes. AddressSanitizer prints one warning
+# that it does not fully support swapcontext (the emulator's fibers); it is expected and is not a
+# failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,7 +61,7 @@ trap 'rm -rf "$WORK"' EXIT
 SRC="$WORK/src"
 mkdir -p "$SRC/tests/emu"
 cp -R "$ROOT/csrc" "$SRC/csrc"
-cp "$ROOT/tests/emu/sanitize.cpp" "$SRC/tests/emu/sanitize.cpp"
+cp "$ROOT"/tests/emu/sanitize*.cpp "$ROOT"/tests/emu/sanitize*.h "$SRC/tests/emu/"
 if [ -n "$MUTANT" ]; then
   MUTANT_FILE="$ROOT/tests/emu/mutants/$MUTANT.mutant"
   if [ ! -f "$MUTANT_FILE" ]; then
@@ -92,18 +95,26 @@ fi
 FLAGS=(-std=c++17 -O1 -g1 -fsanitize=address,undefined -fno-sanitize-recover=all -ffp-contract=off
        -fno-strict-aliasing)
 INCLUDES=(-Icsrc/emu -Icsrc/include -Icsrc)
-# Relative to $SRC (so that reports name csrc/...), longest first so that two jobs end together.
-UNITS=(csrc/emu/step_kernels_sgd.cpp tests/emu/sanitize.cpp csrc/emu/step_kernels_adamw.cpp
-       csrc/emu/step_kernels_lion.cpp csrc/emu/other_kernels.cpp csrc/emu/runtime.cpp)
+# Translation units: a source relative to $SRC (so that reports name csrc/...) and its defines,
+# longest first so that two jobs end together (on one core, about 60 s for the driver and 10 to 15 s
+# for each rule's kernels).
+UNITS=("tests/emu/sanitize.cpp"
+       "tests/emu/sanitize_kernels.cpp -DFW_SANITIZE_RULE=fw::AdamW"
+       "tests/emu/sanitize_kernels.cpp -DFW_SANITIZE_RULE=fw::Lion"
+       "tests/emu/sanitize_kernels.cpp -DFW_SANITIZE_RULE=fw::SGDMomentum"
+       "tests/emu/sanitize_kernels.cpp -DFW_SANITIZE_RULE=fw::SGD"
+       "tests/emu/sanitize_kernels.cpp"
+       "csrc/emu/runtime.cpp")
 COMPILER_ID="$("$CXX" --version | head -n 1)"
 [ "$USE_CACHE" = 0 ] || { mkdir -p "$CACHE"; find "$CACHE" -name '*.o' -mtime +7 -delete 2>/dev/null || true; }
 
-# compile SOURCE OBJECT: preprocesses SOURCE and compiles that text, or takes the object from the
-# cache when the compiler, the flags and the text match an entry (then stores it). Writes "hit"
-# or "built" to OBJECT.status.
+# compile OBJECT SOURCE [DEFINE...]: preprocesses SOURCE with the defines and compiles that text,
+# or takes the object from the cache when the compiler, the flags and the text match an entry
+# (then stores it). Writes "hit" or "built" to OBJECT.status.
 compile() {
-  local src="$1" obj="$2" key=""
-  (cd "$SRC" && "$CXX" "${FLAGS[@]}" -fno-working-directory "${INCLUDES[@]}" -E "$src" -o "$obj.ii")
+  local obj="$1" src="$2" key=""
+  shift 2
+  (cd "$SRC" && "$CXX" "${FLAGS[@]}" -fno-working-directory "${INCLUDES[@]}" "$@" -E "$src" -o "$obj.ii")
   if [ "$USE_CACHE" = 1 ]; then
     key="$({ echo "$COMPILER_ID"; echo "${FLAGS[*]}"; cat "$obj.ii"; } | sha256sum | cut -c1-32)"
     if [ -f "$CACHE/$key.o" ] && cp "$CACHE/$key.o" "$obj"; then
@@ -119,13 +130,14 @@ compile() {
   echo built > "$obj.status"
 }
 
-echo "building the emulated kernels and tests/emu/sanitize.cpp with -fsanitize=address,undefined ($JOBS jobs)"
+echo "building tests/emu/sanitize.cpp and the emulated kernels with -fsanitize=address,undefined ($JOBS jobs)"
 BUILD_START="$(now)"
 OBJECTS=()
 for i in "${!UNITS[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
   OBJECTS+=("$WORK/$i.o")
-  ( compile "${UNITS[$i]}" "$WORK/$i.o" > "$WORK/$i.log" 2>&1 ) &
+  # shellcheck disable=SC2086 # a unit is its source and defines, split on spaces
+  ( compile "$WORK/$i.o" ${UNITS[$i]} > "$WORK/$i.log" 2>&1 ) &
 done
 wait || true
 FAILED=0

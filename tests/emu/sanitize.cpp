@@ -1,11 +1,13 @@
 // Sanitizer driver for the emulated CUDA device (csrc/emu), built and run by scripts/emu_sanitize.sh
-// with -fsanitize=address,undefined: the real kernel files (csrc/cuda/*.cu, compiled by g++ against
-// the CUDA shim) run on buffers allocated to exactly their size, so AddressSanitizer reports any
-// access past a tensor's end and UndefinedBehaviorSanitizer any misaligned vector access, and every
-// output bit is compared with a plain host loop over the elements that calls the layer-1 functions
-// the kernels call (here in their host branches, as the CPU backend compiles them).
+// with -fsanitize=address,undefined: the real kernel sources (cuda/step_kernels.cuh and
+// cuda/misc_kernels.cu, compiled by g++ against the CUDA shim in sanitize_kernels.cpp) run on buffers
+// allocated to exactly their size, so AddressSanitizer reports any access past a tensor's end and
+// UndefinedBehaviorSanitizer any misaligned vector access, and every output bit is compared with a
+// plain host loop over the elements that calls the layer-1 functions the kernels call (here in
+// their host branches, as the CPU backend compiles them: this file does not include the shim's
+// cuda_runtime.h, see sanitize.h).
 //
-// Torch-free on purpose: it links only csrc/emu/runtime.cpp and the emulated kernel wrappers.
+// Torch-free on purpose: it links only csrc/emu/runtime.cpp and sanitize_kernels.cpp's units.
 // Prints one line per group of cases; on the first mismatch it prints the case and the element
 // ("MISMATCH ...") and exits 1.
 #include <chrono>
@@ -18,16 +20,19 @@
 #include <type_traits>
 #include <vector>
 
-#include "cuda/pam_kernels.h"
-#include "cuda/step_kernels.h"
 #include "emu/runtime.h"
+#include "sanitize.h"
+
+#if defined(__CUDA_ARCH__)
+#error "the expected values need the layer-1 functions' host branches: no CUDA shim (cuda_runtime.h) here"
+#endif
 
 namespace {
 
-using fusedwarm::gpu::LaunchArgs;
-using fusedwarm::gpu::TensorSlot;
+using fusedwarm::LaunchArgs;
+using fusedwarm::TensorSlot;
 namespace emu = fusedwarm::emu;
-namespace gpu = fusedwarm::gpu;
+namespace sanitize = fusedwarm::sanitize;
 
 // ---- inputs -------------------------------------------------------------------------------------
 
@@ -444,7 +449,7 @@ class StepCase {
 
     emu::configure(device.config);
     const emu::Counters before = emu::read_counters();
-    const cudaError_t err = gpu::launch_step<Rule, P, S, M>(args_, hyper_, nullptr);
+    const cudaError_t err = sanitize::launch_step<Rule, P, S, M>(args_, hyper_);
     const emu::Counters after = emu::read_counters();
     Where where{name_ + " on " + device.name};
     check_status(where, err);
@@ -452,8 +457,8 @@ class StepCase {
     const int64_t resident = int64_t{device.config.sms} * device.config.blocks_per_sm;
     int64_t blocks = args_.num_tiles < resident ? args_.num_tiles : resident, launches = 1;
     if (control_.mode != fw::kControlNone) {
-      blocks += (args_.num_chunks + gpu::kThreads - 1) / gpu::kThreads;
-      blocks += (args_.num_rows + gpu::kThreads - 1) / gpu::kThreads;
+      blocks += (args_.num_chunks + fusedwarm::kThreads - 1) / fusedwarm::kThreads;
+      blocks += (args_.num_rows + fusedwarm::kThreads - 1) / fusedwarm::kThreads;
       launches = 3;
     }
     check_grid(where, launches, blocks, before, after);
@@ -602,9 +607,10 @@ class StepCase {
     }
   }
 
-  static bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % gpu::kVectorAlign == 0; }
+  static bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % fusedwarm::kVectorAlign == 0; }
 
-  // The slot table as cuda/host.h (DeviceStep::run_typed) builds it, over exact-size buffers.
+  // The slot table and LaunchArgs as cuda/host.h (DeviceStep::run, with fill_slots of ops_common.cpp)
+  // build them, over exact-size buffers.
   [[gnu::noinline]] void make_launch() {
     const bool control = control_.mode != fw::kControlNone;
     slots_ = arena_.array<TensorSlot>(kTensors);
@@ -637,6 +643,7 @@ class StepCase {
       for (int j = 0; j < kStates; ++j) vec = vec && aligned(s.state[j]);
       if (vec == t.misaligned) mismatch(name_ + ": the driver's buffers are not laid out as intended");
       s.vectorized = vec ? 1u : 0u;
+      s.row_size = t.numel;
       if (control) {
         s.row_size = t.numel / t.rows;
         s.chunks_per_row = (s.row_size + fw::kNormChunk - 1) / fw::kNormChunk;
@@ -645,7 +652,7 @@ class StepCase {
         num_chunks += t.rows * s.chunks_per_row;
         num_rows += t.rows;
       }
-      num_tiles += gpu::tiles_of(t.numel);
+      num_tiles += fusedwarm::tiles_of(t.numel);
       slots_[i] = s;
     }
     partials_ = control ? arena_.array<fw::NormSums>(num_chunks) : nullptr;
@@ -720,13 +727,12 @@ void step_group(uint64_t& seed, int& c) {
   std::fflush(stdout);
 }
 
+// Every weight format that sanitize_kernels.cpp instantiates (sanitize.h).
 template <class Rule>
 void step_rule(uint64_t& seed, int& c) {
-  step_group<Rule, fw::ParamF32>(seed, c);
-  step_group<Rule, fw::ParamHalf<fw::BF16Format, 0>>(seed, c);
-  step_group<Rule, fw::ParamHalf<fw::BF16Format, 8>>(seed, c);
-  step_group<Rule, fw::ParamHalf<fw::BF16Format, 16>>(seed, c);
-  step_group<Rule, fw::ParamHalf<fw::F16Format, 16>>(seed, c);
+#define FW_STEP_GROUP(P) step_group<Rule, P>(seed, c);
+  FW_SANITIZE_PARAMS(FW_STEP_GROUP)
+#undef FW_STEP_GROUP
 }
 
 // ---- piecewise-affine kernels -------------------------------------------------------------------
@@ -786,7 +792,7 @@ void pam_elementwise(uint64_t& seed) {
         std::memset(static_cast<void*>(out), 0xA5, sizeof(float) * n);
         emu::configure(d.config);
         const std::string where = std::string("pam ") + names[o] + " n=" + std::to_string(n) + " on " + d.name;
-        const cudaError_t err = gpu::launch_pam_elementwise(ops[o], a, b, out, n, nullptr);
+        const cudaError_t err = sanitize::launch_pam_elementwise(ops[o], a, b, out, n);
         check_status(Where{where}, err);
         check(Where{where}, "out", out, want.data(), n);
         ++launches;
@@ -832,7 +838,7 @@ void pam_matmul(uint64_t& seed) {
       emu::configure(d.config);
       const std::string where = "pam matmul " + std::to_string(s.m) + "x" + std::to_string(s.k) + "x" +
                                 std::to_string(s.n) + " on " + d.name;
-      const cudaError_t err = gpu::launch_pam_matmul(a, b, c, s.m, s.k, s.n, nullptr);
+      const cudaError_t err = sanitize::launch_pam_matmul(a, b, c, s.m, s.k, s.n);
       check_status(Where{where}, err);
       check(Where{where}, "C", c, want.data(), s.m * s.n);
       ++launches;
@@ -866,7 +872,7 @@ void schedule_factors(uint64_t& seed) {
     for (const Device& d : kOrders) {
       emu::configure(d.config);
       const std::string where = "schedule_factors kind " + std::to_string(kind) + " on " + d.name;
-      const cudaError_t err = gpu::launch_schedule_factors(steps, n, sched, out, nullptr);
+      const cudaError_t err = sanitize::launch_schedule_factors(steps, n, sched, out);
       check_status(Where{where}, err);
       check(Where{where}, "out", out, want.data(), 4 * n);
       ++launches;
