@@ -45,7 +45,9 @@ class StateLayout:
     def __init__(self, state_names: Callable[[dict[str, Any]], tuple[str, ...]]) -> None:
         self._names = state_names
         self._expected: dict[tuple, dict[str, torch.dtype]] = {}
-        self._checked: dict[int, tuple] = {}  # id(p) -> (expected, weak refs of its checked state tensors)
+        # id(p) -> (expected, weak refs of its checked state tensors, the group's extra_bits and
+        # state_dtype and p's dtype when it was checked)
+        self._checked: dict[int, tuple] = {}
 
     def expected(self, group: dict[str, Any], p: Tensor) -> dict[str, torch.dtype]:
         """The state tensors of ``p`` under ``group``'s options, with their dtypes (do not modify)."""
@@ -82,6 +84,23 @@ class StateLayout:
                     f"{what()}: state '{name}' is {got}; expected {dtype}, shape {tuple(shape)} on {p.device}"
                 )
 
+    def checked_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any] | None) -> bool | None:
+        """True if ``state`` passed :meth:`check_for_step` earlier with the same tensors and options (so
+        the step may skip the check), None if it must be checked (a new, changed or unchecked state).
+
+        The per-tensor fast path of every step: a dict lookup and identity comparisons.
+        """
+        if not state:
+            return True
+        known = self._checked.get(id(p))
+        if (known is None or known[2] is not group.get("extra_bits") or known[3] is not group.get("state_dtype")
+                or known[4] is not p.dtype):
+            return None
+        for name, ref in known[1]:
+            if state.get(name) is not ref():
+                return None
+        return True if len(state) == len(known[1]) else None
+
     def check_for_step(self, group: dict[str, Any], what: Callable[[], str], p: Tensor,
                        state: dict[str, Any] | None) -> None:
         """:meth:`check` before an update, skipped for a state that passed it with the same tensors.
@@ -97,7 +116,8 @@ class StateLayout:
             return
         self.check(group, what, p, state, RuntimeError)
         if all(name in state for name in expected):
-            self._checked[id(p)] = (expected, tuple((name, weakref.ref(state[name])) for name in expected))
+            self._checked[id(p)] = (expected, tuple((name, weakref.ref(state[name])) for name in expected),
+                                    group.get("extra_bits"), group.get("state_dtype"), p.dtype)
 
     def create(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> dict[str, Any]:
         """Adds ``p``'s missing state tensors (zeros; sharded as ``p``, ``step`` a plain scalar) to ``state``."""

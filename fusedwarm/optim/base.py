@@ -210,13 +210,28 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
 
         # Check every gradient before touching anything, so a bad one changes nothing. Each
         # group's parameters with a gradient are bucketed by (device, dtype): one call each.
+        # (The loop is the per-tensor host cost of every step: the common case, a gradient of the
+        # parameter's dtype, shape and device and a state checked at an earlier step, costs a few
+        # attribute reads and dict lookups; anything else takes the full checks.)
         work: list[tuple[int, dict[tuple[torch.device, torch.dtype], list[Tensor]]]] = []
+        state = self.state
+        updated = self._updated
+        checked = self._states.checked_state
+        strided = torch.strided
         for gi, group in enumerate(self.param_groups):
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
             for i, p in enumerate(group["params"]):
-                if p.grad is not None and id(p) not in self._updated:
-                    self._check_grad(group, gi, i, p, p.grad)
-                    buckets.setdefault((p.device, p.dtype), []).append(p)
+                g = p.grad
+                if g is None or id(p) in updated:
+                    continue
+                dtype, device = p.dtype, p.device
+                if (g.dtype != dtype or g.device != device or g.shape != p.shape or g.layout != strided
+                        or checked(group, p, state.get(p)) is None):
+                    self._check_grad(group, gi, i, p, g)
+                bucket = buckets.get((device, dtype))
+                if bucket is None:
+                    buckets[(device, dtype)] = bucket = []
+                bucket.append(p)
             if buckets:
                 work.append((gi, buckets))
         if work:
@@ -279,26 +294,35 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
         """One fused call for ``params`` with the op's update-size control arguments ``controls``."""
         group = self.param_groups[gi]
         device = params[0].device
-        states = [self._states.create(group, p, self.state[p]) for p in params]
+        state = self.state
+        states = [state[p] for p in params]
+        complete = len(self._states.expected(group, params[0]))  # one dtype per launch: one layout
+        for i, s in enumerate(states):
+            if len(s) != complete:
+                self._states.create(group, params[i], s)
         used = self._state_names(group)
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         # The kernels see local shards (FSDP2) with their offsets in the full tensor. Parameters
         # that are not contiguous are updated through a contiguous copy.
-        shards = [_sharding.local(p) for p in params]
+        sharded = any(map(_sharding.is_sharded, params))
+        shards = [_sharding.local(p) for p in params] if sharded else params
         work = [p if p.is_contiguous() else p.contiguous() for p in shards]
-        sharded = any(s is not p for s, p in zip(shards, params))
         offsets = [_sharding.element_offset(p) for p in params] if sharded else None
+        if sharded:
+            grads = [_sharding.local(g) for g in grads]
+            states = [{n: _sharding.local(t) for n, t in s.items()} for s in states]
         lr = group["lr"]
         lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
         skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
         ids = [self._ids[id(p)] for p in params]  # each tensor's index in the optimizer: its random-stream key
-        getattr(_ops.load(), self._op_name)(
+        # The overload itself, not the packet: the packet's overload resolution costs ~50 us per call.
+        getattr(_ops.load(), self._op_name).default(
             work,
-            [_sharding.local(g).contiguous() for g in grads],
-            [_sharding.local(s["extra"]) for s in states if "extra" in s],
+            [g.contiguous() for g in grads],
+            [s["extra"] for s in states if "extra" in s],
             # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
-            *[[_sharding.local(s[n]) for s in states] if n in used else [] for n in self._op_states],
+            *[[s[n] for s in states] if n in used else [] for n in self._op_states],
             steps,
             ids,
             lr_tensor,
