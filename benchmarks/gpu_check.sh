@@ -39,7 +39,7 @@ case "$stage" in
     nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
     run versions "$PY" -c "import torch, platform; print(platform.python_version(), torch.__version__, \
 torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-    run build "$PY" -m fusedwarm build --verbose
+    run build "$PY" -m fusedwarm build --all --verbose
     ;;
   test)
     run tests "$PY" -m pytest -q -rs --junitxml="$OUT/tests.xml"

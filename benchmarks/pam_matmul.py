@@ -3,7 +3,7 @@
 Square and transformer-shaped float32 products on fresh random inputs; each is timed as the
 median of ``--repeats`` calls after a warm-up call, with torch's default thread count. Throughput
 is 2 M K N / time (one multiply and one add per term, PAM or not). The CUDA kernel exists
-(``csrc/cuda/pam_kernels.cu``) and is tested against the CPU when a GPU is present, but
+(``csrc/cuda/misc_kernels.cu``) and is tested against the CPU when a GPU is present, but
 ``--device cuda`` has not been measured on the machine that produced the committed results.
 
 Run from the repository root::

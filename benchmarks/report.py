@@ -1,6 +1,7 @@
 """Writes the committed benchmark results into README.md: the markdown tables that the benchmark
 scripts write next to their JSON (``MARKDOWN_BLOCKS``: step benchmark and its repeated runs, training
-benchmark, training loop, warmup experiment, PAM experiment, lagged clipping, FSDP2 memory per rank) go
+benchmark, training loop, warmup experiment, PAM experiment, lagged clipping, FSDP2 memory per rank, JIT
+build times) go
 between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``, so the README's numbers always come from a result
 file. Without ``--update-readme`` it prints them."""
 
@@ -21,6 +22,7 @@ MARKDOWN_BLOCKS = {
     "pam-experiment-results": RESULTS / "pam_experiment.md",
     "lagged-clipping-results": RESULTS / "lagged_clipping.md",
     "fsdp-memory-results": RESULTS / "fsdp_memory_cpu.md",
+    "jit-results": RESULTS / "jit_build.md",
 }
 
 

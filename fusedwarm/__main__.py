@@ -86,10 +86,12 @@ def _build_cmd(args: argparse.Namespace) -> int:
     else:
         names = [n for n in (args.variants or "").split(",") if n]
     try:
-        if "cpu" in backends or not names:
-            lib = _build.build(verbose=args.verbose)
-            where = lib.path if lib is not None else _build.aot_library()
-            print(f"torch-facing library ready ({time.perf_counter() - start:.1f} s): {where}")
+        for name in names:  # a misspelt variant is an error before anything is compiled
+            if name != "misc":
+                _build._variant_defines(name)
+        lib = _build.build(verbose=args.verbose)
+        where = lib.path if lib is not None else _build.aot_library()
+        print(f"torch-facing library ready ({time.perf_counter() - start:.1f} s): {where}")
 
         def progress(backend: str, name: str, path) -> None:
             print(f"{backend} {name}: {path} ({time.perf_counter() - start:.1f} s)")

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ._sources import (ARITHMETICS, CORE_CUDA_UNITS, CORE_UNITS, CXX_FLAGS, EMU_FLAGS, EMU_UNITS,
-                       HEADER_SUFFIXES, LD_FLAGS, MISC_SOURCES, NVRTC_FLAGS, RULES, STATES, VARIANT_FLAGS,
+from ._sources import (ARITHMETICS, CORE_CUDA_UNITS, CORE_UNITS, CXX_FLAGS, EMU_FLAGS, EMU_UNITS, LD_FLAGS,
+                       MISC_SOURCES, NVRTC_FLAGS, RULES, SOURCE_SUFFIXES, STATES, VARIANT_DEPENDENCIES, VARIANT_FLAGS,
                        VARIANT_SOURCES, WEIGHTS)
 
 ROOT = Path(__file__).resolve().parent
@@ -109,17 +109,21 @@ def _cpu_flags() -> str:
 
 
 @functools.cache
-def _sources_digest() -> str:
-    """A hash of every source file under csrc (their names and bytes)."""
+def _sources_digest(family: str | None = None) -> str:
+    """A hash of the source files (names and bytes) under csrc: all of them, or those a family of
+    variants ("cpu", "cuda", "emu") is compiled from (``VARIANT_DEPENDENCIES``)."""
+    deps = VARIANT_DEPENDENCIES[family] if family is not None else None
     h = hashlib.sha256()
-    for path in sorted(p for p in CSRC.rglob("*") if p.suffix in HEADER_SUFFIXES):
-        h.update(str(path.relative_to(CSRC)).encode())
-        h.update(path.read_bytes())
+    for path in sorted(p for p in CSRC.rglob("*") if p.suffix in SOURCE_SUFFIXES):
+        name = path.relative_to(CSRC).as_posix()
+        if deps is None or any(name == d or (d.endswith("/") and name.startswith(d)) for d in deps):
+            h.update(name.encode())
+            h.update(path.read_bytes())
     return h.hexdigest()
 
 
-def _key(*parts: object) -> str:
-    h = hashlib.sha256(_sources_digest().encode())
+def _key(*parts: object, family: str | None = None) -> str:
+    h = hashlib.sha256(_sources_digest(family).encode())
     for part in (torch.__version__, sys.version, platform.machine(), *parts):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
@@ -328,16 +332,16 @@ def variant_path(backend: str, name: str) -> Path:
     """Where kernel module ``name`` for ``backend`` ("cpu", "emu", "cuda-sm_90") lives in the cache."""
     if backend == "cpu":
         source, defines = _module_source("cpu", name)
-        key = _key(backend, source, defines, VARIANT_FLAGS, _compiler_id(_cxx()), _cpu_flags())
+        key = _key(backend, source, defines, VARIANT_FLAGS, _compiler_id(_cxx()), _cpu_flags(), family="cpu")
         suffix = "so"
     elif backend == "emu":
         source, defines = _module_source("emu", name)
-        key = _key(backend, source, defines, EMU_FLAGS, _compiler_id(_cxx()), library("emu").path.name)
+        key = _key(backend, source, defines, EMU_FLAGS, _compiler_id(_cxx()), library("emu").path.name, family="emu")
         suffix = "so"
     else:
         arch = _cuda_arch(backend)
         source, defines = _module_source("cuda", name)
-        key = _key(backend, source, defines, NVRTC_FLAGS, _nvrtc().version, arch)
+        key = _key(backend, source, defines, NVRTC_FLAGS, _nvrtc().version, arch, family="cuda")
         suffix = "cubin"
     return cache_root() / "variants" / backend / f"{name}-{key}.{suffix}"
 
@@ -445,24 +449,33 @@ def _register_variant_op() -> None:
 
 
 def prebuild(backends: Iterable[str], names: Iterable[str], verbose: bool = False,
-             progress: Callable[[str, str, Path], None] | None = None) -> list[Path]:
+             progress: Callable[[str, str, Path], None] | None = None, jobs: int | None = None) -> list[Path]:
     """Compiles kernel modules ahead of first use (``python -m fusedwarm build``); returns their files.
 
     Args:
         backends: "cpu", "emu" and/or "cuda-sm_<NN>".
         names: step variants (see :func:`step_variants`) and/or "misc" (CUDA and emulated only).
         verbose: print the compiler commands and output.
-        progress: called with (backend, name, file) after each module.
+        progress: called with (backend, name, file) after each module, in completion order.
+        jobs: modules compiled at once (default: the CPUs this process may use).
     """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    todo = [(b, n) for b in backends for n in names if not (n == "misc" and b == "cpu")]
+    if not todo:
+        return []
+    if "emu" in {b for b, _ in todo}:
+        _build_library(library("emu"), verbose)  # the emulated variants link against it: build it once, first
+    jobs = jobs or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     files = []
-    for backend in backends:
-        for name in names:
-            if name == "misc" and backend == "cpu":
-                continue
-            path = variant_file(backend, name, verbose)
+    # Threads suffice: each compile is a compiler process or an NVRTC call that releases the GIL.
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(variant_file, b, n, verbose): (b, n) for b, n in todo}
+        for future in as_completed(futures):
+            path = future.result()
             files.append(path)
             if progress is not None:
-                progress(backend, name, path)
+                progress(*futures[future], path)
     return files
 
 

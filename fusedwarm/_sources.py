@@ -30,7 +30,16 @@ WEIGHTS = {"f32": "fw::ParamF32"} | {
     for name, fmt in (("bf16", "BF16Format"), ("f16", "F16Format")) for bits in (0, 8, 16)}
 STATES = {"f32": "fw::StateF32", "bf16": "fw::StateBF16"}
 ARITHMETICS = {"ieee": "fw::Ieee", "pam": "fw::Pam"}
-HEADER_SUFFIXES = (".h", ".cuh", ".cu", ".cpp")
+SOURCE_SUFFIXES = (".h", ".cuh", ".cu", ".cpp")
+# The files (paths under csrc, or folder prefixes ending in "/") each kind of variant is compiled
+# from, which its cache key hashes: editing the torch-facing library's sources rebuilds no variant.
+VARIANT_DEPENDENCIES = {
+    "cpu": ("include/", "step_abi.h", "cpu/step_variant.cpp", "cpu/chunk.h"),
+    "cuda": ("include/", "step_abi.h", "cuda/step_kernels.cuh", "cuda/step_variant.cu", "cuda/misc_kernels.cu"),
+}
+VARIANT_DEPENDENCIES["emu"] = VARIANT_DEPENDENCIES["cuda"] + (
+    "emu/cuda_runtime.h", "emu/cuda_runtime_api.h", "emu/kernel_table.h", "emu/step_variant.cpp",
+    "emu/misc_kernels.cpp")
 
 # -ffp-contract=off / --fmad=false: no fused multiply-add that one backend would do and the other
 # not (DESIGN.md: backends agree bit for bit). No fast-math anywhere; -fno-math-errno only lets

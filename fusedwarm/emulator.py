@@ -1,9 +1,11 @@
 """The emulated CUDA device: fusedwarm's CUDA backend executed on the CPU (DESIGN.md, layer 2).
 
-No GPU is needed to run the CUDA code: ``csrc/emu`` compiles the real kernel files
-(``csrc/cuda/*.cu``) and the real host path (``csrc/cuda/host.h``: slot tables, alignment
-decisions, chunk and row tables, grid sizing, the staging buffer) with g++ against a small CUDA
-shim, into a library of its own whose ops are ``torch.ops.fusedwarm_emu``. A launch runs every
+No GPU is needed to run the CUDA code: ``csrc/emu`` compiles the real host path
+(``csrc/cuda/host.h``: slot tables, alignment decisions, chunk and row tables, variant lookup,
+grid sizing, the staging buffer, boxed launches as the CUDA driver takes them) with g++ against
+a small CUDA shim, into a library of its own whose ops are ``torch.ops.fusedwarm_emu``; each
+kernel variant a call needs is the real kernel source (``csrc/cuda/step_variant.cu``, the file
+NVRTC compiles for a GPU) compiled by g++ against that shim on first use. A launch runs every
 block of the grid, and the threads of a block as fibers, so ``__syncthreads`` is a real barrier;
 the arithmetic intrinsics follow the GPU's rules, NaN results included. Inside
 :func:`device`, every call of a ``torch.ops.fusedwarm`` op that the CUDA backend implements

@@ -161,3 +161,29 @@ def test_setup_py_installs_package_with_sources(tmp_path):
     assert (pkg / "csrc" / "ops.cpp").is_file() and (pkg / "csrc" / "cuda" / "step_variant.cu").is_file()
     assert (pkg / "csrc" / "include" / "fusedwarm" / "update.cuh").is_file()
     assert not list(pkg.glob("_C*.so")), "the default install must not build the extension ahead of time"
+
+
+def test_variant_build_error_reaches_the_caller(tmp_path, monkeypatch):
+    """A variant that fails to compile on first use raises the BuildError (what to install or fix) from
+    step(), through the C++ library's request for it, and changes nothing."""
+    import torch
+
+    import fusedwarm
+
+    fusedwarm.AdamW([torch.nn.Parameter(torch.randn(2))])  # the torch-facing library, from the usual cache
+    monkeypatch.setenv("FUSEDWARM_CACHE_DIR", str(tmp_path))  # no variant cached here
+
+    def failing(commands, what, verbose):
+        raise _build.BuildError(f"compiling {what} failed: the compiler is broken (test)")
+
+    monkeypatch.setattr(_build, "_run_compilers", failing)
+    p = torch.nn.Parameter(torch.randn(33, dtype=torch.float16))
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt = fusedwarm.Lion([p], lr=1e-2, extra_bits=8, arithmetic="pam")
+    with pytest.raises(_build.BuildError, match=r"kernel variant lion\.f16x8\.bf16\.pam \(cpu\) failed: the compiler "
+                                                r"is broken"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert int(opt.state[p]["step"]) == 0, "the step counter of a step that did not happen"
+    assert not list(tmp_path.rglob("*.so"))

@@ -125,3 +125,15 @@ def _includes(path: Path, seen: set[Path]) -> list[tuple[Path, str]]:
 def test_kernels_include_no_torch_header(src):
     offending = [f"{_rel(f)}: {h}" for f, h in _includes(src, {src.resolve()}) if _TORCH_HEADER.match(h)]
     assert not offending, "kernel files must stay torch-free (DESIGN.md, layer 2): " + ", ".join(offending)
+
+
+def test_gpu_host_side_compiles_without_cuda_toolkit():
+    """The GPU host side (driver calls, no CUDA header) is built into the torch-facing library on a torch
+    with CUDA; this CPU torch does not build it, so compile it here against torch's headers alone."""
+    cxx = _build._cxx()
+    _build._compiler_id(cxx)  # a missing compiler is a BuildError naming it
+    (source,) = _build.CORE_CUDA_UNITS[0]
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", *_build.CXX_FLAGS, f"-I{CSRC / 'include'}", f"-I{CSRC}",
+           *_build._torch_compile_flags(), str(CSRC / source)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "CPATH": "", "CPLUS_INCLUDE_PATH": ""})
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -27,6 +27,7 @@ namespace {
 
 using CUresult = int;
 using CUdevice = int;
+using CUcontext = void*;
 using CUmodule = void*;
 using CUfunction = void*;
 using CUstream = void*;
@@ -39,7 +40,10 @@ constexpr int kStreamCaptureStatusNone = 0;       // CU_STREAM_CAPTURE_STATUS_NO
 // The driver entry points fusedwarm uses.
 struct Driver {
   CUresult (*get_error_string)(CUresult, const char**);
-  CUresult (*ctx_get_device)(CUdevice*);
+  CUresult (*device_get)(CUdevice*, int);
+  CUresult (*primary_ctx_retain)(CUcontext*, CUdevice);
+  CUresult (*ctx_get_current)(CUcontext*);
+  CUresult (*ctx_set_current)(CUcontext);
   CUresult (*device_get_attribute)(int*, int, CUdevice);
   CUresult (*module_load_data)(CUmodule*, const void*);
   CUresult (*module_get_function)(CUfunction*, CUmodule, const char*);
@@ -64,7 +68,10 @@ const Driver& driver() {
     };
     Driver r{};
     get(r.get_error_string, "cuGetErrorString");
-    get(r.ctx_get_device, "cuCtxGetDevice");
+    get(r.device_get, "cuDeviceGet");
+    get(r.primary_ctx_retain, "cuDevicePrimaryCtxRetain");
+    get(r.ctx_get_current, "cuCtxGetCurrent");
+    get(r.ctx_set_current, "cuCtxSetCurrent");
     get(r.device_get_attribute, "cuDeviceGetAttribute");
     get(r.module_load_data, "cuModuleLoadData");
     get(r.module_get_function, "cuModuleGetFunction");
@@ -80,6 +87,37 @@ void check(CUresult r, const char* what, const at::Device& device) {
   TORCH_CHECK(r == kCudaSuccess, "fusedwarm: ", what, " on ", device, " failed: ", driver().error(r));
 }
 
+// Makes the device's primary context (the one torch's CUDA runtime uses) current on this thread,
+// for the driver calls that follow: a thread that has not made a runtime call yet (autograd's
+// backward thread, running the step in backward) may have no current context.
+void bind_primary_context(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, CUcontext> contexts;
+  CUcontext ctx = nullptr;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    CUcontext& known = contexts[device.index()];
+    if (known == nullptr) {
+      CUdevice dev = 0;
+      check(driver().device_get(&dev, device.index()), "finding the CUDA device", device);
+      check(driver().primary_ctx_retain(&known, dev), "retaining the primary CUDA context", device);
+    }
+    ctx = known;
+  }
+  CUcontext current = nullptr;
+  check(driver().ctx_get_current(&current), "querying the current CUDA context", device);
+  if (current != ctx) check(driver().ctx_set_current(ctx), "making the primary CUDA context current", device);
+}
+
+// The attribute of the device (CU_DEVICE_ATTRIBUTE_*).
+int attribute(int which, const at::Device& device) {
+  CUdevice dev = 0;
+  int value = 0;
+  check(driver().device_get(&dev, device.index()), "finding the CUDA device", device);
+  check(driver().device_get_attribute(&value, which, dev), "querying the CUDA device", device);
+  return value;
+}
+
 struct CudaDevice {
   static constexpr const char* kName = "CUDA";
   using Kernel = CUfunction;
@@ -88,7 +126,9 @@ struct CudaDevice {
    public:
     explicit Scope(const at::Device& device)
         : guard_(device),
-          stream_(c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle()) {}
+          stream_(c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle()) {
+      bind_primary_context(device);
+    }
     void* stream() const { return stream_; }
 
    private:
@@ -110,13 +150,8 @@ struct CudaDevice {
     }
     // Outside the lock: the first use of a variant compiles it (seconds), and other threads'
     // launches of ready kernels should not wait for that.
-    CUdevice dev = 0;
-    int major = 0, minor = 0;
-    check(driver().ctx_get_device(&dev), "querying the current CUDA device", device);
-    check(driver().device_get_attribute(&major, kAttrComputeCapabilityMajor, dev), "querying the architecture",
-          device);
-    check(driver().device_get_attribute(&minor, kAttrComputeCapabilityMinor, dev), "querying the architecture",
-          device);
+    const int major = attribute(kAttrComputeCapabilityMajor, device);
+    const int minor = attribute(kAttrComputeCapabilityMinor, device);
     const std::string path = variant_file("cuda-sm_" + std::to_string(10 * major + minor), module);
     const std::lock_guard<std::mutex> lock(mutex);
     CUmodule& mod = modules[{device.index(), module}];
@@ -140,11 +175,8 @@ struct CudaDevice {
     const std::lock_guard<std::mutex> lock(mutex);
     int64_t& blocks = known[{device.index(), kernel}];
     if (blocks == 0) {
-      CUdevice dev = 0;
-      int sms = 0, per_sm = 0;
-      check(driver().ctx_get_device(&dev), "querying the current CUDA device", device);
-      check(driver().device_get_attribute(&sms, kAttrMultiprocessorCount, dev), "querying the multiprocessors",
-            device);
+      const int sms = attribute(kAttrMultiprocessorCount, device);
+      int per_sm = 0;
       check(driver().occupancy(&per_sm, kernel, kThreads, 0), "the occupancy query", device);
       blocks = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
     }

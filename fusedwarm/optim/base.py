@@ -309,34 +309,41 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
         shards = [_sharding.local(p) for p in params] if sharded else params
         work = [p if p.is_contiguous() else p.contiguous() for p in shards]
         offsets = [_sharding.element_offset(p) for p in params] if sharded else None
+        local_grads = [_sharding.local(g) for g in grads] if sharded else grads
         if sharded:
-            grads = [_sharding.local(g) for g in grads]
             states = [{n: _sharding.local(t) for n, t in s.items()} for s in states]
         lr = group["lr"]
         lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
         skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
         ids = [self._ids[id(p)] for p in params]  # each tensor's index in the optimizer: its random-stream key
         # The overload itself, not the packet: the packet's overload resolution costs ~50 us per call.
-        getattr(_ops.load(), self._op_name).default(
-            work,
-            [g.contiguous() for g in grads],
-            [s["extra"] for s in states if "extra" in s],
-            # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
-            *[[s[n] for s in states] if n in used else [] for n in self._op_states],
-            steps,
-            ids,
-            lr_tensor,
-            0.0 if lr_tensor is not None else float(lr),
-            extra_bits(group, params[0]),
-            group["seed"],
-            *[self._hyper_value(group, n) for n in self._hyper_names],
-            arithmetic=group.get("arithmetic", "ieee"),
-            grad_scales=self._scaling.grad_scales(device, ids, grads, self._main_device(), len(self._ids)),
-            nonfinite=skipped,
-            **self._schedule_args(group),
-            **controls,
-            element_offsets=offsets,
-        )
+        op = getattr(_ops.load(), self._op_name).default
+        try:
+            op(
+                work,
+                [g.contiguous() for g in local_grads],
+                [s["extra"] for s in states if "extra" in s],
+                # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
+                *[[s[n] for s in states] if n in used else [] for n in self._op_states],
+                steps,
+                ids,
+                lr_tensor,
+                0.0 if lr_tensor is not None else float(lr),
+                extra_bits(group, params[0]),
+                group["seed"],
+                *[self._hyper_value(group, n) for n in self._hyper_names],
+                arithmetic=group.get("arithmetic", "ieee"),
+                grad_scales=self._scaling.grad_scales(device, ids, grads, self._main_device(), len(self._ids)),
+                nonfinite=skipped,
+                **self._schedule_args(group),
+                **controls,
+                element_offsets=offsets,
+            )
+        except BaseException:
+            # The op checks everything and compiles its kernel variant (first use) before it changes
+            # anything: a failure there leaves the step counters as they were too.
+            torch._foreach_sub_(steps, 1)
+            raise
         self._skips.append((params, skipped))
         for p, w in zip(shards, work):
             if w is not p:
