@@ -5,7 +5,9 @@ Measures, on this machine, in fresh processes with their own cache directories:
 * **cold first step**: ``import torch``, then ``import fusedwarm``, an AdamW on bf16 weights with
   16 extra bits and bf16 states, and its first ``step()`` with an empty cache (the torch-facing
   library and the step's one kernel variant are compiled); reported as time beyond torch's import;
-* **warm first step**: the same in a new process with the cache filled;
+* **warm first step**: the same in a new process with the cache filled, and for reference
+  ``torch.optim.AdamW(fused=True)``'s first step in a fresh process (torch.optim's first
+  ``add_param_group`` imports ``torch._dynamo``, as fusedwarm's ``torch.compiler.disable`` does);
 * **one kernel variant**: a CPU variant (C++ compiler) and a CUDA variant (NVRTC through CuPy,
   for sm_90; no GPU needed), each into an empty cache;
 * **every variant** (``python -m fusedwarm build --all``) for the CPU and for one CUDA arch;
@@ -49,6 +51,21 @@ t1 = time.perf_counter()
 import fusedwarm
 p = torch.nn.Parameter(torch.randn(4096, dtype=torch.bfloat16))
 opt = fusedwarm.AdamW([p], lr=1e-3, extra_bits=16, state_dtype=torch.bfloat16)
+p.grad = torch.randn_like(p)
+opt.step()
+t2 = time.perf_counter()
+print(f"RESULT {t1 - t0:.4f} {t2 - t1:.4f}")
+"""
+
+# The same first step with torch's own fused AdamW (float32 weights): what torch.optim costs a fresh
+# process beyond torch's import (its first add_param_group imports torch._dynamo).
+TORCH_FIRST_STEP = """
+import time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+p = torch.nn.Parameter(torch.randn(4096))
+opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
 p.grad = torch.randn_like(p)
 opt.step()
 t2 = time.perf_counter()
@@ -154,13 +171,15 @@ def measure(runs: int, build_all: bool) -> dict:
 
     from fusedwarm import _build
 
-    out: dict = {"cold_first_step": [], "warm_first_step": []}
+    out: dict = {"cold_first_step": [], "warm_first_step": [], "torch_first_step": []}
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
             torch_s, rest_s = map(float, _python(FIRST_STEP, Path(tmp)))
             out["cold_first_step"].append({"torch_import_s": torch_s, "beyond_torch_s": rest_s})
             torch_s, rest_s = map(float, _python(FIRST_STEP, Path(tmp)))
             out["warm_first_step"].append({"torch_import_s": torch_s, "beyond_torch_s": rest_s})
+            torch_s, rest_s = map(float, _python(TORCH_FIRST_STEP, Path(tmp)))
+            out["torch_first_step"].append({"torch_import_s": torch_s, "beyond_torch_s": rest_s})
     variants = {"cpu": "adamw.bf16x16.bf16.ieee", "cuda-sm_90": "adamw.bf16x16.bf16.ieee"}
     out["one_variant_s"] = {}
     for backend, name in variants.items():
@@ -198,6 +217,7 @@ def markdown(r: dict) -> str:
     e = r["environment"]
     cold = [x["beyond_torch_s"] for x in r["cold_first_step"]]
     warm = [x["beyond_torch_s"] for x in r["warm_first_step"]]
+    reference = [x["beyond_torch_s"] for x in r["torch_first_step"]]
     h = r["host_us"]
     lines = [
         f"JIT build benchmark ({e['cpu_model']}, {e['usable_cpus']} CPUs, torch {e['torch']}, {e['compiler']}, "
@@ -209,6 +229,8 @@ def markdown(r: dict) -> str:
         f"| cold first step, empty cache (AdamW, bf16 weights, 16 extra bits, bf16 states), beyond torch's import "
         f"| {_range(cold)} | <= 20 s |",
         f"| warm process: import fusedwarm + first step, beyond torch's import | {_range(warm)} | <= 1 s |",
+        f"| for reference, torch.optim.AdamW(fused=True): construction + first step, beyond torch's import "
+        f"| {_range(reference)} | - |",
     ]
     for key, times in r["one_variant_s"].items():
         backend, name = key.split()

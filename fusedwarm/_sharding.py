@@ -13,19 +13,23 @@ Norms over sharded gradients are summed over the mesh. It never computes an upda
 
 from __future__ import annotations
 
-import functools
+import sys
 
 import torch
 from torch import Tensor
 
 
-@functools.cache  # looked up for every tensor of every step: import once
+_DTENSOR = None  # the DTensor class, once torch.distributed.tensor is imported
+
+
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
+    """torch.distributed.tensor's DTensor, or None while that module is not imported (importing it costs
+    most of a second, and no tensor can be a DTensor before it is imported)."""
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        _DTENSOR = getattr(module, "DTensor", None)
+    return _DTENSOR
 
 
 def is_sharded(t: Tensor) -> bool:
