@@ -52,6 +52,10 @@ static_assert(sizeof(TensorSlot) == 136 && alignof(TensorSlot) == 8, "TensorSlot
 
 FW_HD int64_t tiles_of(int64_t numel) { return (numel + kTile - 1) / kTile; }
 
+// The blocks of the "misc" module's kernels (cuda/misc_kernels.cu), which the host sizes grids by.
+constexpr int kPamElementThreads = 256;  // fw_pam_<op>: threads per block
+constexpr int kPamTileDim = 16;          // fw_pam_matmul: square tile, one output per thread
+
 // The CUDA step kernels' first parameter (the second is the rule's Hyper, by value).
 struct LaunchArgs {
   const TensorSlot* slots;  // device memory, num_slots entries with increasing first_tile

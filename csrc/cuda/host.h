@@ -133,9 +133,6 @@ struct DeviceStep {
 // fusedwarm.pam on the device: raw pointers and the current stream for cuda/misc_kernels.cu.
 template <class Dev>
 struct DevicePam {
-  static constexpr int kElemThreads = 256;  // misc_kernels.cu's element-wise block
-  static constexpr int kTileDim = 16;       // and the matmul's tile
-
   static void elementwise(fw::PamOp op, const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
     static const char* const names[] = {"fw_pam_mul", "fw_pam_div", "fw_pam_sqrt", "fw_pam_exp2", "fw_pam_log2"};
     const typename Dev::Scope scope(a.device());
@@ -144,10 +141,10 @@ struct DevicePam {
     void* po = out.data_ptr();
     int64_t count = a.numel();
     void* params[] = {&pa, &pb, &po, &count};
-    const int64_t needed = blocks_for(count, kElemThreads);
+    const int64_t needed = blocks_for(count, kPamElementThreads);
     Dim3 grid, block;
     grid.x = static_cast<unsigned int>(needed < 65535 ? needed : 65535);
-    block.x = kElemThreads;
+    block.x = kPamElementThreads;
     Dev::launch(Dev::kernel("misc", names[static_cast<int>(op)], a.device()), grid, block, scope.stream(), params,
                 "fusedwarm.pam element-wise", a.device());
   }
@@ -160,12 +157,12 @@ struct DevicePam {
     const void* pb = b.const_data_ptr();
     void* po = out.data_ptr();
     void* params[] = {&pa, &pb, &po, &m, &k, &n};
-    const int64_t col_tiles = (n + kTileDim - 1) / kTileDim;
+    const int64_t col_tiles = (n + kPamTileDim - 1) / kPamTileDim;
     Dim3 grid, block;
-    grid.x = blocks_for(m, kTileDim);
+    grid.x = blocks_for(m, kPamTileDim);
     grid.y = static_cast<unsigned int>(col_tiles < 65535 ? col_tiles : 65535);
-    block.x = kTileDim;
-    block.y = kTileDim;
+    block.x = kPamTileDim;
+    block.y = kPamTileDim;
     Dev::launch(Dev::kernel("misc", "fw_pam_matmul", a.device()), grid, block, scope.stream(), params,
                 "fusedwarm.pam_matmul", a.device());
   }

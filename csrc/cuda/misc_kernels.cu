@@ -12,8 +12,8 @@
 namespace fusedwarm {
 namespace gpu {
 
-constexpr int kElemThreads = 256;  // the element-wise kernels' block (host.h sizes their grids)
-constexpr int kTileDim = 16;       // the matmul's square tile: one output per thread
+constexpr int kElemThreads = kPamElementThreads;  // the element-wise kernels' block (step_abi.h)
+constexpr int kTileDim = kPamTileDim;              // the matmul's square tile: one output per thread
 
 namespace {
 
