@@ -15,6 +15,12 @@ from . import _ops, _sharding
 from ._states import extra_bits
 
 
+def _nbytes(t: Tensor) -> int:
+    """The bytes of ``t``'s elements on this rank (a DTensor's local shard)."""
+    local = _sharding.local(t)
+    return local.numel() * local.element_size()
+
+
 class Reporting:
     """Mixin of :class:`fusedwarm.FusedOptimizer`: its inspection methods."""
 
@@ -86,6 +92,29 @@ class Reporting:
                 if n:
                     found[self._label(p)] = n
         return found
+
+    def state_bytes(self) -> dict[str, int]:
+        """The bytes of persistent training state this optimizer holds on this rank, by kind.
+
+        Returns:
+            ``{"weights", "extra_bits", "states", "other", "total"}``: the parameters' own
+            storage, the extra bits of their float32 masters, the moment buffers (m, v, momentum),
+            and everything else (step counters, loss-scale and clipping scalars), summed over every
+            parameter; a sharded (FSDP2) parameter and its states count their local shards.
+            Gradients are not persistent state and are not counted. Divide by the number of
+            parameters for bytes per parameter (DESIGN.md's memory table).
+        """
+        out = {"weights": 0, "extra_bits": 0, "states": 0, "other": 0}
+        for group in self.param_groups:  # torch.optim admits a parameter in one group only
+            for p in group["params"]:
+                out["weights"] += _nbytes(p)
+                for name, value in self.state.get(p, {}).items():
+                    if isinstance(value, Tensor):
+                        kind = "extra_bits" if name == "extra" else "other" if name == "step" else "states"
+                        out[kind] += _nbytes(value)
+        out["other"] += sum(_nbytes(t) for t in self._scalars().values() if isinstance(t, Tensor))
+        out["total"] = sum(out.values())
+        return out
 
     def master_weight(self, p: Tensor) -> Tensor:
         """The float32 master weight of ``p``: weight plus extra bits (a copy of ``p`` if none).
