@@ -336,7 +336,9 @@ def variant_path(backend: str, name: str) -> Path:
         suffix = "so"
     elif backend == "emu":
         source, defines = _module_source("emu", name)
-        key = _key(backend, source, defines, EMU_FLAGS, _compiler_id(_cxx()), library("emu").path.name, family="emu")
+        # It links against that emulator library (its runtime), by path: a new library, a new variant.
+        key = _key(backend, source, defines, EMU_FLAGS, _compiler_id(_cxx()), str(library("emu").path),
+                   family="emu")
         suffix = "so"
     else:
         arch = _cuda_arch(backend)
