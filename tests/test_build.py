@@ -187,3 +187,15 @@ def test_variant_build_error_reaches_the_caller(tmp_path, monkeypatch):
     assert torch.equal(p.detach(), before)
     assert int(opt.state[p]["step"]) == 0, "the step counter of a step that did not happen"
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_emulated_variant_key_follows_its_emulator_library(monkeypatch):
+    """An emulated variant links against one emulator library by path: another library (new sources,
+    compiler or cache) must give another variant, not reuse one that would load the old library."""
+    name = "adamw.bf16x16.bf16.ieee"
+    before = _build.variant_path("emu", name)
+    lib = _build.library("emu")
+    moved = _build.Library(lib.kind, lib.units, lib.flags, lib.include_dirs,
+                           lib.path.parent.with_name(lib.path.parent.name + "-other") / lib.path.name)
+    monkeypatch.setattr(_build, "library", lambda kind="core": moved)
+    assert _build.variant_path("emu", name) != before
