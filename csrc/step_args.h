@@ -1,5 +1,5 @@
-// Operator-level view of one fused step: the tensor lists of a call, checked, plus the
-// runtime-to-template dispatch shared by the CPU backend and the CUDA host adapter.
+// Operator-level view of one fused step: the tensor lists of a call, checked, and what the CPU
+// backend and the CUDA host adapter derive from them (the kernel variant's name, the slot table).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -67,63 +67,13 @@ SlotTotals fill_slots(const StepLists& L, int num_states, TensorSlot* slots);
 // "ieee" -> false, "pam" -> true; anything else is an error naming the op.
 bool parse_arithmetic(const char* op, c10::string_view arithmetic);
 
-// Calls fn(Tag<fw::Ieee>{}) or fn(Tag<fw::Pam>{}) for the call's element arithmetic.
-template <class Fn>
-void dispatch_arithmetic(const StepLists& L, Fn&& fn);
-
 // Checks list lengths, devices, dtypes, sizes and contiguity; names the offending tensor.
 void check_step_lists(const char* op, const StepLists& L, int num_states);
 
+// A type as a value, for generic lambdas (ops.cpp's master-weight codecs).
 template <class T>
 struct Tag {
   using type = T;
 };
-
-template <class Fn>
-void dispatch_arithmetic(const StepLists& L, Fn&& fn) {
-  if (L.pam) {
-    fn(Tag<fw::Pam>{});
-  } else {
-    fn(Tag<fw::Ieee>{});
-  }
-}
-
-// Calls fn(Tag<Param>{}, Tag<State>{}) with the storage kinds of the call's tensors.
-template <class Fn>
-void dispatch_storage(const StepLists& L, Fn&& fn) {
-  if (L.params.empty()) return;
-  const auto pdt = L.params[0].scalar_type();
-  const bool bf16_state =
-      !L.states.empty() && !L.states[0].empty() && L.states[0][0].scalar_type() == at::kBFloat16;
-  auto with_param = [&](auto ptag) {
-    if (bf16_state) {
-      fn(ptag, Tag<fw::StateBF16>{});
-    } else {
-      fn(ptag, Tag<fw::StateF32>{});
-    }
-  };
-  auto with_half = [&](auto ftag) {
-    using F = typename decltype(ftag)::type;
-    switch (L.extra_bits) {
-      case 0: with_param(Tag<fw::ParamHalf<F, 0>>{}); break;
-      case 8: with_param(Tag<fw::ParamHalf<F, 8>>{}); break;
-      case 16: with_param(Tag<fw::ParamHalf<F, 16>>{}); break;
-      default: TORCH_CHECK(false, "fusedwarm: extra_bits must be 0, 8 or 16, got ", L.extra_bits);
-    }
-  };
-  switch (pdt) {
-    case at::kFloat: with_param(Tag<fw::ParamF32>{}); break;
-    case at::kBFloat16: with_half(Tag<fw::BF16Format>{}); break;
-    case at::kHalf: with_half(Tag<fw::F16Format>{}); break;
-    default: TORCH_CHECK(false, "fusedwarm: parameters must be float32, bfloat16 or float16, got ", pdt);
-  }
-}
-
-// The runtime-to-template step of both backends' run: calls fn(Tag<Param>{}, Tag<State>{},
-// Tag<Arithmetic>{}) with the call's parameter storage, state storage and element arithmetic.
-template <class Fn>
-void dispatch_step(const StepLists& L, Fn&& fn) {
-  dispatch_arithmetic(L, [&](auto mtag) { dispatch_storage(L, [&](auto ptag, auto stag) { fn(ptag, stag, mtag); }); });
-}
 
 }  // namespace fusedwarm

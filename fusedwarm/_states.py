@@ -45,7 +45,7 @@ class StateLayout:
     def __init__(self, state_names: Callable[[dict[str, Any]], tuple[str, ...]]) -> None:
         self._names = state_names
         self._expected: dict[tuple, dict[str, torch.dtype]] = {}
-        # id(p) -> (expected, weak refs of its checked state tensors, the group's extra_bits and
+        # id(p) -> (weak refs of its checked state tensors by name, the group's extra_bits and
         # state_dtype and p's dtype when it was checked)
         self._checked: dict[int, tuple] = {}
 
@@ -93,13 +93,13 @@ class StateLayout:
         if not state:
             return True
         known = self._checked.get(id(p))
-        if (known is None or known[2] is not group.get("extra_bits") or known[3] is not group.get("state_dtype")
-                or known[4] is not p.dtype):
+        if (known is None or known[1] is not group.get("extra_bits") or known[2] is not group.get("state_dtype")
+                or known[3] is not p.dtype):
             return None
-        for name, ref in known[1]:
+        for name, ref in known[0]:
             if state.get(name) is not ref():
                 return None
-        return True if len(state) == len(known[1]) else None
+        return True if len(state) == len(known[0]) else None
 
     def check_for_step(self, group: dict[str, Any], what: Callable[[], str], p: Tensor,
                        state: dict[str, Any] | None) -> None:
@@ -108,15 +108,12 @@ class StateLayout:
         A complete state passed at an earlier step if it still holds the same tensors under the
         same options (weak references: a checked tensor is never kept alive by this).
         """
-        if not state:
-            return
-        expected = self.expected(group, p)
-        known = self._checked.get(id(p))
-        if known is not None and known[0] is expected and all(state.get(name) is ref() for name, ref in known[1]):
+        if self.checked_state(group, p, state):
             return
         self.check(group, what, p, state, RuntimeError)
+        expected = self.expected(group, p)
         if all(name in state for name in expected):
-            self._checked[id(p)] = (expected, tuple((name, weakref.ref(state[name])) for name in expected),
+            self._checked[id(p)] = (tuple((name, weakref.ref(state[name])) for name in expected),
                                     group.get("extra_bits"), group.get("state_dtype"), p.dtype)
 
     def create(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,7 @@
 
 #include <ATen/Parallel.h>
 
-#include <mutex>
-#include <unordered_map>
+#include <string>
 #include <vector>
 
 #include "variants.h"
@@ -21,19 +20,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, void (*body)(void*,
 
 // The entry point of CPU step variant `name`, compiled and loaded on its first use.
 CpuStepFn step_function(const std::string& name) {
-  static std::mutex mutex;
-  static std::unordered_map<std::string, CpuStepFn> loaded;
-  {
-    const std::lock_guard<std::mutex> lock(mutex);
-    const auto it = loaded.find(name);
-    if (it != loaded.end()) return it->second;
-  }
-  // Outside the lock: the first use compiles, and another thread's call of a ready variant
-  // should not wait for that.
-  const auto fn = reinterpret_cast<CpuStepFn>(library_symbol(variant_file("cpu", name), kCpuStepSymbol));
-  const std::lock_guard<std::mutex> lock(mutex);
-  loaded.emplace(name, fn);
-  return fn;
+  static LoadedOnce<std::string, CpuStepFn> functions;
+  return functions.get(name, [&] {
+    return reinterpret_cast<CpuStepFn>(library_symbol(variant_file("cpu", name), kCpuStepSymbol));
+  });
 }
 
 }  // namespace

@@ -139,49 +139,38 @@ struct CudaDevice {
   // The kernel from the module's cubin, NVRTC-compiled for this device's architecture on first
   // use and loaded into its primary context (current under the Scope's device guard).
   static Kernel kernel(const std::string& module, const char* name, const at::Device& device) {
-    static std::mutex mutex;
-    static std::map<std::tuple<int, std::string, std::string>, Kernel> loaded;
-    static std::map<std::pair<int, std::string>, CUmodule> modules;
-    const auto key = std::make_tuple(device.index(), module, std::string(name));
-    {
-      const std::lock_guard<std::mutex> lock(mutex);
-      const auto it = loaded.find(key);
-      if (it != loaded.end()) return it->second;
-    }
-    // Outside the lock: the first use of a variant compiles it (seconds), and other threads'
-    // launches of ready kernels should not wait for that.
-    const int major = attribute(kAttrComputeCapabilityMajor, device);
-    const int minor = attribute(kAttrComputeCapabilityMinor, device);
-    const std::string path = variant_file("cuda-sm_" + std::to_string(10 * major + minor), module);
-    const std::lock_guard<std::mutex> lock(mutex);
-    CUmodule& mod = modules[{device.index(), module}];
-    if (mod == nullptr) {
-      std::ifstream in(path, std::ios::binary);
-      TORCH_CHECK(in, "fusedwarm: reading the kernel module ", path, " failed");
-      const std::vector<char> image((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      check(driver().module_load_data(&mod, image.data()), ("loading " + path).c_str(), device);
-    }
-    Kernel k = nullptr;
-    check(driver().module_get_function(&k, mod, name), (std::string("finding kernel ") + name).c_str(), device);
-    loaded.emplace(key, k);
-    return k;
+    static LoadedOnce<std::tuple<int, std::string, std::string>, Kernel> kernels;
+    static LoadedOnce<std::pair<int, std::string>, CUmodule> modules;
+    return kernels.get({device.index(), module, name}, [&] {
+      const CUmodule mod = modules.get({device.index(), module}, [&] {
+        const int arch = 10 * attribute(kAttrComputeCapabilityMajor, device) + attribute(kAttrComputeCapabilityMinor,
+                                                                                          device);
+        const std::string path = variant_file("cuda-sm_" + std::to_string(arch), module);
+        std::ifstream in(path, std::ios::binary);
+        TORCH_CHECK(in, "fusedwarm: reading the kernel module ", path, " failed");
+        const std::vector<char> image((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        CUmodule loaded = nullptr;
+        check(driver().module_load_data(&loaded, image.data()), ("loading " + path).c_str(), device);
+        return loaded;
+      });
+      Kernel k = nullptr;
+      check(driver().module_get_function(&k, mod, name), (std::string("finding kernel ") + name).c_str(), device);
+      return k;
+    });
   }
 
   // Multiprocessors x blocks of kThreads the kernel can keep resident on each: queried once per
   // kernel and device.
   static int64_t resident_blocks(Kernel kernel, const at::Device& device) {
-    static std::mutex mutex;
-    static std::map<std::pair<int, Kernel>, int64_t> known;
-    const std::lock_guard<std::mutex> lock(mutex);
-    int64_t& blocks = known[{device.index(), kernel}];
-    if (blocks == 0) {
+    static LoadedOnce<std::pair<int, Kernel>, int64_t> known;
+    return known.get({device.index(), kernel}, [&] {
       const int sms = attribute(kAttrMultiprocessorCount, device);
       int per_sm = 0;
       check(driver().occupancy(&per_sm, kernel, kThreads, 0), "the occupancy query", device);
-      blocks = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
-    }
-    return blocks;
+      return static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+    });
   }
+
 
   static void launch(Kernel kernel, Dim3 grid, Dim3 block, void* stream, void** params, const char* what,
                      const at::Device& device) {

@@ -5,8 +5,6 @@
 // that the CUDA backend implements here instead, through the same Python code.
 #include <torch/library.h>
 
-#include <map>
-#include <mutex>
 #include <string>
 #include <utility>
 
@@ -32,22 +30,14 @@ struct EmuDevice {
 
   // The kernel from the module's library, compiled by g++ on first use (variants.h).
   static Kernel kernel(const std::string& module, const char* name, const at::Device&) {
-    static std::mutex mutex;
-    static std::map<std::pair<std::string, std::string>, Kernel> loaded;
-    const auto key = std::make_pair(module, std::string(name));
-    {
-      const std::lock_guard<std::mutex> lock(mutex);
-      const auto it = loaded.find(key);
-      if (it != loaded.end()) return it->second;
-    }
-    // Outside the lock: the first use of a variant compiles it.
-    using Table = Kernel (*)(const char*);
-    const auto table = reinterpret_cast<Table>(library_symbol(variant_file("emu", module), "fusedwarm_emu_kernel"));
-    const Kernel k = table(name);
-    TORCH_CHECK(k != nullptr, "fusedwarm_emu: the kernel library of ", module, " has no kernel ", name);
-    const std::lock_guard<std::mutex> lock(mutex);
-    loaded.emplace(key, k);
-    return k;
+    static LoadedOnce<std::pair<std::string, std::string>, Kernel> kernels;
+    return kernels.get({module, name}, [&] {
+      using Table = Kernel (*)(const char*);
+      const auto table = reinterpret_cast<Table>(library_symbol(variant_file("emu", module), "fusedwarm_emu_kernel"));
+      const Kernel k = table(name);
+      TORCH_CHECK(k != nullptr, "fusedwarm_emu: the kernel library of ", module, " has no kernel ", name);
+      return k;
+    });
   }
 
   // What a GPU's occupancy query returns, as configured (emu::Config).
