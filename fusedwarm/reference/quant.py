@@ -352,15 +352,17 @@ def weight_is_lossy(dtype: torch.dtype, extra_bits: int) -> bool:
     return not (dtype == torch.float32 or (dtype == torch.bfloat16 and extra_bits == 16))
 
 
-def state_words(seed: int, tensor_id: int, step: int, numel: int, lossy_weight: bool) -> tuple[Tensor, Tensor]:
+def state_words(seed: int, tensor_id: int, step: int, numel: int, lossy_weight: bool,
+                device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """The random words that round the two states of a tensor's elements at one step.
 
-    The states share the word after the weight's (word 1 if the weight is lossy, else word 0): state
-    0 rounds with its high half (``W & 0xFFFF0000``), state 1 with its low half (``W << 16``), as
-    fusedwarm's bfloat16 states do.
+    The states share the word after the weight's (word 1 if the weight is lossy, see
+    :func:`weight_is_lossy`, else word 0): state 0 rounds with its high half (``W & 0xFFFF0000``),
+    state 1 with its low half (``W << 16``), as fusedwarm's bfloat16 states do.
 
     Returns:
-        ``(words of state 0, words of state 1)``, int64 tensors of ``numel`` elements.
+        ``(words of state 0, words of state 1)``, int64 tensors of ``numel`` elements on ``device``.
     """
-    w = element_words(seed, tensor_id, step, numel, 2 if lossy_weight else 1)[-1]
+    indices = torch.arange(numel, dtype=torch.int64, device=device)
+    w = element_words(seed, tensor_id, step, indices, 2 if lossy_weight else 1)[-1]
     return w & 0xFFFF0000, (w << 16) & _MASK32
