@@ -1,6 +1,7 @@
 // Operator surface (layer 3): the CPU registrations and the CPU-only ops. Schemas and argument
 // checks are ops_common.cpp's; the CUDA registrations live in cuda/ops_cuda.cpp; fake kernels are
 // in fusedwarm/_ops.py.
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -163,6 +164,109 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key) {
   return out;
 }
 
+// Quantized states' codes (quant.cuh) of float32 `values`, block by block, each element rounded
+// with its random word (int32 holding the uint32 word; 0x80000000 everywhere rounds to nearest,
+// ties up): the step's encoder, exposed for checkpoint conversion and for tests against the
+// reference. `is_signed` selects the first state's code (m), else the second's (v).
+template <class Code>
+std::tuple<at::Tensor, at::Tensor> quantize_with(const at::Tensor& values, const at::Tensor& words, int64_t bits,
+                                                 int64_t block) {
+  const int64_t n = values.numel();
+  const at::Tensor v = values.contiguous();
+  const at::Tensor r = words.contiguous();
+  at::Tensor codes = at::zeros({bits == 8 ? n : (n + 1) / 2}, v.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({(n + block - 1) / block}, v.options());
+  const float* x = v.const_data_ptr<float>();
+  const uint32_t* rnd = reinterpret_cast<const uint32_t*>(r.const_data_ptr<int32_t>());
+  uint8_t* out = codes.data_ptr<uint8_t>();
+  float* sc = scales.data_ptr<float>();
+  for (int64_t first = 0; first < n; first += block) {
+    const int64_t last = std::min(n, first + block);
+    uint32_t largest = 0;
+    for (int64_t k = first; k < last; ++k) largest = std::max(largest, fw::saturated_magnitude(x[k]));
+    sc[first / block] = Code::block_scale(largest);
+    const float inv = Code::block_inverse(largest);
+    for (int64_t k = first; k < last; ++k) {
+      const uint32_t c = Code::encode(x[k], inv, rnd[k]);
+      if (bits == 8) {
+        out[k] = static_cast<uint8_t>(c);
+      } else {
+        out[k >> 1] = static_cast<uint8_t>(out[k >> 1] | (c << ((k & 1) * 4)));
+      }
+    }
+  }
+  return {codes, scales};
+}
+
+void check_quantization(const char* op, int64_t bits, int64_t block) {
+  TORCH_CHECK(bits == 8 || bits == 4, "fusedwarm.", op, ": bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(block >= fw::kMinQuantBlock && block <= fw::kMaxQuantBlock && (block & (block - 1)) == 0,
+              "fusedwarm.", op, ": block must be a power of two from ", fw::kMinQuantBlock, " to ", fw::kMaxQuantBlock,
+              ", got ", block);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_states_cpu(const at::Tensor& values, const at::Tensor& words, int64_t bits,
+                                                       bool is_signed, int64_t block) {
+  check_quantization("quantize_states", bits, block);
+  TORCH_CHECK(values.scalar_type() == at::kFloat && words.scalar_type() == at::kInt &&
+                  words.numel() == values.numel(),
+              "fusedwarm.quantize_states: values must be float32 and words int32 with as many elements, got ",
+              values.scalar_type(), " with ", values.numel(), " and ", words.scalar_type(), " with ", words.numel());
+  using Q8 = fw::StateQuant<8>;
+  using Q4 = fw::StateQuant<4>;
+  if (bits == 8) {
+    return is_signed ? quantize_with<Q8::Code0>(values, words, bits, block)
+                     : quantize_with<Q8::Code1>(values, words, bits, block);
+  }
+  return is_signed ? quantize_with<Q4::Code0>(values, words, bits, block)
+                   : quantize_with<Q4::Code1>(values, words, bits, block);
+}
+
+// The float32 values of quantized states: the inverse of quantize_states (up to its rounding).
+at::Tensor dequantize_states_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t numel, int64_t bits,
+                                 bool is_signed, int64_t block) {
+  check_quantization("dequantize_states", bits, block);
+  const int64_t expected_codes = bits == 8 ? numel : (numel + 1) / 2;
+  const int64_t blocks = (numel + block - 1) / block;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == expected_codes && scales.scalar_type() == at::kFloat &&
+                  scales.numel() == blocks,
+              "fusedwarm.dequantize_states: ", numel, " elements need ", expected_codes, " uint8 codes and ", blocks,
+              " float32 scales, got ", codes.scalar_type(), " with ", codes.numel(), " and ", scales.scalar_type(),
+              " with ", scales.numel());
+  const at::Tensor c = codes.contiguous();
+  const at::Tensor s = scales.contiguous();
+  at::Tensor out = at::empty({numel}, s.options());
+  const uint8_t* in = c.const_data_ptr<uint8_t>();
+  const float* sc = s.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int shift = __builtin_ctzll(static_cast<uint64_t>(block));
+  auto decode = [&](auto state_tag, auto code_tag) {
+    using S = typename decltype(state_tag)::type;
+    using Code = typename decltype(code_tag)::type;
+    for (int64_t k = 0; k < numel; ++k) o[k] = Code::decode(S::code_at(in, k), sc[k >> shift]);
+  };
+  using Q8 = fw::StateQuant<8>;
+  using Q4 = fw::StateQuant<4>;
+  if (bits == 8) {
+    is_signed ? decode(Tag<Q8>{}, Tag<Q8::Code0>{}) : decode(Tag<Q8>{}, Tag<Q8::Code1>{});
+  } else {
+    is_signed ? decode(Tag<Q4>{}, Tag<Q4::Code0>{}) : decode(Tag<Q4>{}, Tag<Q4::Code1>{});
+  }
+  return out;
+}
+
+// Checkpoint conversion and tests only (never in the step): on the CPU, then moved back.
+std::tuple<at::Tensor, at::Tensor> quantize_states_any(const at::Tensor& values, const at::Tensor& words, int64_t bits,
+                                                       bool is_signed, int64_t block) {
+  auto [codes, scales] = quantize_states_cpu(values.cpu(), words.cpu(), bits, is_signed, block);
+  return {codes.to(values.device()), scales.to(values.device())};
+}
+
+at::Tensor dequantize_states_any(const at::Tensor& codes, const at::Tensor& scales, int64_t numel, int64_t bits,
+                                 bool is_signed, int64_t block) {
+  return dequantize_states_cpu(codes.cpu(), scales.cpu(), numel, bits, is_signed, block).to(codes.device());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedwarm, m) { define_ops(m); }
@@ -185,6 +289,8 @@ TORCH_LIBRARY_IMPL(fusedwarm, CPU, m) {
 TORCH_LIBRARY_IMPL(fusedwarm, CompositeExplicitAutograd, m) {
   m.impl("master_weight", &master_weight_any);
   m.impl("master_split", &master_split_any);
+  m.impl("quantize_states", &quantize_states_any);
+  m.impl("dequantize_states", &dequantize_states_any);
 }
 
 }  // namespace fusedwarm

@@ -39,7 +39,7 @@ std::string step_variant(const char* rule, const StepLists& L) {
     name += (pdt == at::kBFloat16 ? "bf16x" : "f16x") + std::to_string(L.extra_bits);
   }
   const bool bf16_state = !L.states.empty() && !L.states[0].empty() && L.states[0][0].scalar_type() == at::kBFloat16;
-  name += bf16_state ? ".bf16" : ".f32";
+  name += L.state_bits != 0 ? ".q" + std::to_string(L.state_bits) : (bf16_state ? ".bf16" : ".f32");
   name += L.pam ? ".pam" : ".ieee";
   return name;
 }
@@ -56,6 +56,10 @@ SlotTotals fill_slots(const StepLists& L, int num_states, TensorSlot* slots) {
     t.grad = L.grads[i].const_data_ptr();
     t.extra = L.extras.empty() ? nullptr : L.extras[i].data_ptr();
     for (int j = 0; j < num_states; ++j) t.state[j] = L.states[j][i].data_ptr();
+    if (L.state_bits != 0) {
+      for (int j = 0; j < num_states; ++j) t.scale[j] = L.state_scales[j][i].data_ptr<float>();
+      t.block_shift = static_cast<int32_t>(__builtin_ctzll(static_cast<uint64_t>(L.state_block)));
+    }
     t.step = L.steps[i].const_data_ptr<int64_t>();
     t.grad_scale = L.grad_scales ? L.grad_scales->const_data_ptr<float>() + i : nullptr;
     t.nonfinite = L.nonfinite ? L.nonfinite->data_ptr<int64_t>() + i : nullptr;
@@ -177,10 +181,13 @@ void check_step_lists(const char* op, const StepLists& L, int num_states) {
   TORCH_CHECK(L.extras.size() == (has_extra ? n : 0), "fusedwarm.", op, ": expected ", (has_extra ? n : 0),
               " extra-bits tensors for ", pdt, " parameters with extra_bits=", L.extra_bits, ", got ",
               L.extras.size());
-  at::ScalarType sdt = at::kFloat;
+  const bool quantized = L.state_bits != 0;
+  at::ScalarType sdt = quantized ? at::kByte : at::kFloat;
   if (num_states > 0 && !L.states[0].empty()) sdt = L.states[0][0].scalar_type();
-  TORCH_CHECK(sdt == at::kFloat || sdt == at::kBFloat16, "fusedwarm.", op,
-              ": optimizer states must be float32 or bfloat16, got ", sdt);
+  TORCH_CHECK(quantized ? sdt == at::kByte : (sdt == at::kFloat || sdt == at::kBFloat16), "fusedwarm.", op,
+              quantized ? ": quantized optimizer states must be uint8 codes, got "
+                        : ": optimizer states must be float32 or bfloat16 (or uint8 codes with state_bits), got ",
+              sdt);
   if (L.lr_tensor) {
     const at::Tensor& lr = *L.lr_tensor;
     TORCH_CHECK(lr.numel() == 1 && lr.scalar_type() == at::kFloat && lr.device() == p0.device(), "fusedwarm.", op,
@@ -213,9 +220,17 @@ void check_step_lists(const char* op, const StepLists& L, int num_states) {
                   " entries, expected ", n);
       const at::Tensor& st = L.states[j][i];
       check_dense(op, "states", i, st, p);
-      TORCH_CHECK(st.scalar_type() == sdt && st.numel() == p.numel(), "fusedwarm.", op, ": state ", j, " of params[",
-                  i, "] must be ", sdt, " with ", p.numel(), " elements, got ", st.scalar_type(), " with ",
-                  st.numel());
+      const int64_t codes = L.state_bits == 4 ? (p.numel() + 1) / 2 : p.numel();
+      TORCH_CHECK(st.scalar_type() == sdt && st.numel() == codes, "fusedwarm.", op, ": state ", j, " of params[", i,
+                  "] must be ", sdt, " with ", codes, " elements, got ", st.scalar_type(), " with ", st.numel());
+      if (quantized) {
+        const at::Tensor& sc = L.state_scales[j][i];
+        check_dense(op, "state_scales", j * n + i, sc, p);
+        const int64_t blocks = (p.numel() + L.state_block - 1) / L.state_block;
+        TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.numel() == blocks, "fusedwarm.", op, ": the block scales of state ",
+                    j, " of params[", i, "] must be float32 with ", blocks, " elements (blocks of ", L.state_block,
+                    "), got ", sc.scalar_type(), " with ", sc.numel());
+      }
     }
   }
 }
@@ -250,6 +265,8 @@ void set_update_control(const char* op, StepLists& L, std::optional<double> upda
 
 void set_element_offsets(const char* op, StepLists& L, at::OptionalIntArrayRef element_offsets) {
   if (!element_offsets) return;
+  TORCH_CHECK(L.state_bits == 0, "fusedwarm.", op,
+              ": quantized states cannot be sharded: their blocks follow the local tensor (element_offsets given)");
   TORCH_CHECK(element_offsets->size() == L.params.size(), "fusedwarm.", op, ": element_offsets has ",
               element_offsets->size(), " entries for ", L.params.size(), " params");
   for (size_t i = 0; i < element_offsets->size(); ++i) {
@@ -265,10 +282,36 @@ void set_element_offsets(const char* op, StepLists& L, at::OptionalIntArrayRef e
   "str decay_shape=\"none\", float final_fraction=0."
 // Update-size control (update.cuh): off unless update_rows is given with update_norm (bound) or
 // rotational=True.
-// Then the shards' element offsets in their full tensors (the random stream's element index), or None.
+// Then the shards' element offsets in their full tensors (the random stream's element index), or None,
+// and quantized states' block scales (state j of tensor i at j n + i), bits (0: not quantized) and
+// block size.
 #define FW_CONTROL_SCHEMA                                                       \
   "float? update_norm=None, int[]? update_rows=None, bool rotational=False, " \
-  "int[]? element_offsets=None"
+  "int[]? element_offsets=None, Tensor(f!)[]? state_scales=None, int state_bits=0, int state_block=0"
+
+void set_state_quantization(const char* op, StepLists& L, std::optional<at::TensorList> scales, int64_t state_bits,
+                            int64_t state_block) {
+  const at::TensorList state_scales = scales.value_or(at::TensorList{});
+  TORCH_CHECK(state_bits == 0 || state_bits == 8 || state_bits == 4, "fusedwarm.", op,
+              ": state_bits must be 0 (float32 or bfloat16 states), 8 or 4, got ", state_bits);
+  const int64_t num_states = static_cast<int64_t>(L.states.size());
+  if (state_bits == 0 || num_states == 0) {
+    TORCH_CHECK(state_scales.empty(), "fusedwarm.", op, ": state_scales given without quantized states");
+    return;
+  }
+  TORCH_CHECK(state_block >= fw::kMinQuantBlock && state_block <= fw::kMaxQuantBlock &&
+                  (state_block & (state_block - 1)) == 0,
+              "fusedwarm.", op, ": state_block must be a power of two from ", fw::kMinQuantBlock, " to ",
+              fw::kMaxQuantBlock, ", got ", state_block);
+  const size_t n = L.params.size();
+  TORCH_CHECK(static_cast<int64_t>(state_scales.size()) == num_states * static_cast<int64_t>(n), "fusedwarm.", op, ": expected ", num_states * n,
+              " state_scales (one per state and parameter), got ", state_scales.size());
+  L.state_bits = state_bits;
+  L.state_block = state_block;
+  for (int64_t j = 0; j < num_states; ++j) {
+    L.state_scales.emplace_back(state_scales.begin() + j * n, state_scales.begin() + (j + 1) * n);
+  }
+}
 
 void define_ops(torch::Library& m) {
   m.def(
@@ -292,6 +335,9 @@ void define_ops(torch::Library& m) {
   m.def("master_weight(Tensor param, Tensor extra, int extra_bits) -> Tensor");
   m.def("master_split(Tensor master, ScalarType dtype, int extra_bits) -> (Tensor, Tensor)");
   m.def("philox4x32(Tensor counters, int key) -> Tensor");
+  // Quantized states (quant.cuh): float32 values <-> uint8 codes and float32 block scales.
+  m.def("quantize_states(Tensor values, Tensor words, int bits, bool is_signed, int block) -> (Tensor, Tensor)");
+  m.def("dequantize_states(Tensor codes, Tensor scales, int numel, int bits, bool is_signed, int block) -> Tensor");
   // Piecewise-affine arithmetic (Kosson & Jaggi 2023; pam.cuh): float32 in, float32 out.
   m.def("pam_mul(Tensor a, Tensor b) -> Tensor");
   m.def("pam_div(Tensor a, Tensor b) -> Tensor");

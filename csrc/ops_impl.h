@@ -37,8 +37,11 @@ fw::Schedule parse_schedule(const char* op, c10::string_view warmup, int64_t war
 #define FW_CONTROL_PARAMS \
   std::optional<double> update_norm, at::OptionalIntArrayRef update_rows, bool rotational
 #define FW_CONTROL_ARGS update_norm, update_rows, rotational
-// The shards' element offsets (last argument of every step op; see StepLists::element_offsets).
-#define FW_SHARD_PARAMS at::OptionalIntArrayRef element_offsets
+// The shards' element offsets (see StepLists::element_offsets), then the states' quantization
+// (StepLists::state_bits): the last arguments of every step op.
+#define FW_SHARD_PARAMS \
+  at::OptionalIntArrayRef element_offsets, std::optional<at::TensorList> state_scales, int64_t state_bits, \
+      int64_t state_block
 
 // Checks the update-size control arguments against the call's tensors and stores them in L.
 // `eq_coef` is the rule's equilibrium coefficient (eta^2 / lr, used when rotational).
@@ -47,6 +50,11 @@ void set_update_control(const char* op, StepLists& L, std::optional<double> upda
 
 // Checks the shards' element offsets (one per tensor, >= 0) and stores them in L.
 void set_element_offsets(const char* op, StepLists& L, at::OptionalIntArrayRef element_offsets);
+
+// Stores the states' quantization in L (before check_step_lists, which checks the state tensors
+// against it): `state_scales` holds the block scales of state j of tensor i at j * n + i.
+void set_state_quantization(const char* op, StepLists& L, std::optional<at::TensorList> state_scales,
+                            int64_t state_bits, int64_t state_block);
 
 // The equilibrium angular updates of Kosson et al. 2024 (Rotational Equilibrium, Table 1), as
 // eta^2 / lr: AdamW sqrt(2 lr wd (1 - b1) / (1 + b1)), SGD sqrt(2 lr wd / (1 + momentum)), Lion
@@ -74,6 +82,7 @@ struct OpImpls {
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs, exp_avg_sqs}, steps, tensor_ids, lr_tensor,
                                   lr, extra_bits, seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("adamw_", arithmetic);
+    set_state_quantization("adamw_", L, state_scales, state_bits, state_block);
     check_step_lists("adamw_", L, fw::AdamW::kStates);
     set_update_control("adamw_", L, FW_CONTROL_ARGS, adamw_eq_coef(beta1, weight_decay));
     set_element_offsets("adamw_", L, element_offsets);
@@ -101,6 +110,7 @@ struct OpImpls {
       StepLists L = make_step_lists(params, grads, extras, {}, steps, tensor_ids, lr_tensor, lr, extra_bits, seed,
                                     grad_scales, nonfinite);
       L.pam = pam;
+      set_state_quantization("sgd_", L, std::nullopt, state_bits, state_block);
       check_step_lists("sgd_", L, fw::SGD::kStates);
       set_update_control("sgd_", L, FW_CONTROL_ARGS, sgd_eq_coef(momentum, weight_decay));
       set_element_offsets("sgd_", L, element_offsets);
@@ -109,6 +119,7 @@ struct OpImpls {
       StepLists L = make_step_lists(params, grads, extras, {momentum_buffers}, steps, tensor_ids, lr_tensor, lr,
                                     extra_bits, seed, grad_scales, nonfinite);
       L.pam = pam;
+      set_state_quantization("sgd_", L, state_scales, state_bits, state_block);
       check_step_lists("sgd_", L, fw::SGDMomentum::kStates);
       set_update_control("sgd_", L, FW_CONTROL_ARGS, sgd_eq_coef(momentum, weight_decay));
       set_element_offsets("sgd_", L, element_offsets);
@@ -125,6 +136,7 @@ struct OpImpls {
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr, extra_bits,
                                   seed, grad_scales, nonfinite);
     L.pam = parse_arithmetic("lion_", arithmetic);
+    set_state_quantization("lion_", L, state_scales, state_bits, state_block);
     check_step_lists("lion_", L, fw::Lion::kStates);
     set_update_control("lion_", L, FW_CONTROL_ARGS, lion_eq_coef(beta1, beta2, weight_decay));
     set_element_offsets("lion_", L, element_offsets);

@@ -47,8 +47,13 @@ struct TensorSlot {
   // The index of element 0 in the full tensor (a shard's offset; 0 for an unsharded tensor): the
   // random stream keys element k by k + element_offset, so sharding changes no bit.
   int64_t element_offset;
+  // Quantized states (fw::StateQuant, quant.cuh): each state's block scales, one float per block of
+  // 2^block_shift elements (nullptr and 0 for unquantized states).
+  float* scale[2];
+  int32_t block_shift;
+  uint32_t unused;
 };
-static_assert(sizeof(TensorSlot) == 136 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by every compiler");
+static_assert(sizeof(TensorSlot) == 160 && alignof(TensorSlot) == 8, "TensorSlot layout is shared by every compiler");
 
 FW_HD int64_t tiles_of(int64_t numel) { return (numel + kTile - 1) / kTile; }
 

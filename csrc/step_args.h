@@ -33,6 +33,12 @@ struct StepLists {
   // element_offsets[i]: the index in the full tensor of tensor i's element 0 (a shard's offset),
   // which the random stream keys elements by; empty when no tensor is a shard (all 0).
   std::vector<int64_t> element_offsets;
+  // Quantized states (quant.cuh): state_bits 8 or 4 per element in blocks of state_block elements,
+  // state_scales[j][i] the block scales of state j of tensor i; state_bits 0 for float32 or
+  // bfloat16 states.
+  int64_t state_bits = 0;
+  int64_t state_block = 0;
+  std::vector<std::vector<at::Tensor>> state_scales;
 };
 
 // The rules' names in variant names (fusedwarm/_build.py maps them back to the types).
@@ -48,7 +54,8 @@ template <>
 inline constexpr const char* kRuleName<fw::Lion> = "lion";
 
 // The name of the kernel variant a call of `rule` needs, "<rule>.<weights>.<states>.<arithmetic>",
-// e.g. "adamw.bf16x16.bf16.ieee" (weights f32, bf16x0/8/16 or f16x0/8/16; states f32 or bf16).
+// e.g. "adamw.bf16x16.bf16.ieee" (weights f32, bf16x0/8/16 or f16x0/8/16; states f32, bf16, or
+// quantized q8 or q4).
 std::string step_variant(const char* rule, const StepLists& L);
 
 // Totals of a call's slot table (fill_slots).

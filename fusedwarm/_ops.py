@@ -40,6 +40,16 @@ def _register_fakes() -> None:
         extra = master.new_empty(master.shape if extra_bits else (0,), dtype=extra_dtype)
         return torch.empty_like(master, dtype=dtype, memory_format=torch.contiguous_format), extra
 
+    @torch.library.register_fake("fusedwarm::quantize_states")
+    def _quantize_states(values, words, bits, is_signed, block):
+        n = values.numel()
+        return (values.new_empty((n if bits == 8 else (n + 1) // 2,), dtype=torch.uint8),
+                values.new_empty(((n + block - 1) // block,), dtype=torch.float32))
+
+    @torch.library.register_fake("fusedwarm::dequantize_states")
+    def _dequantize_states(codes, scales, numel, bits, is_signed, block):
+        return scales.new_empty((numel,), dtype=torch.float32)
+
     @torch.library.register_fake("fusedwarm::schedule_factors")
     def _schedule_factors(steps, beta2, *schedule):
         return steps.new_empty((*steps.shape, 4), dtype=torch.float32)

@@ -28,7 +28,7 @@ RULES = {"adamw": "fw::AdamW", "sgd": "fw::SGD", "sgdm": "fw::SGDMomentum", "lio
 WEIGHTS = {"f32": "fw::ParamF32"} | {
     f"{name}x{bits}": f"fw::ParamHalf<fw::{fmt},{bits}>"
     for name, fmt in (("bf16", "BF16Format"), ("f16", "F16Format")) for bits in (0, 8, 16)}
-STATES = {"f32": "fw::StateF32", "bf16": "fw::StateBF16"}
+STATES = {"f32": "fw::StateF32", "bf16": "fw::StateBF16", "q8": "fw::StateQuant<8>", "q4": "fw::StateQuant<4>"}
 ARITHMETICS = {"ieee": "fw::Ieee", "pam": "fw::Pam"}
 SOURCE_SUFFIXES = (".h", ".cuh", ".cu", ".cpp")
 # The files (paths under csrc, or folder prefixes ending in "/") each kind of variant is compiled

@@ -2,8 +2,9 @@
 
 This module owns what ``optimizer.state[p]`` holds under a param group's storage options
 (``step``; ``extra``, the master weight's low bits, for half-precision weights with extra bits;
-the rule's moment buffers in ``state_dtype``), creates missing state tensors and checks existing
-ones. It never computes an update, and a check never changes the state it looks at.
+the rule's moment buffers in ``state_dtype``; for quantized states, each buffer's codes as a flat
+uint8 tensor and its block scales as ``<name>_scale``), creates missing state tensors and checks
+existing ones. It never computes an update, and a check never changes the state it looks at.
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ import torch
 from torch import Tensor
 
 from . import _sharding
+from ._validation import QUANTIZED_STATE_DTYPES
 
 EXTRA_DTYPE = {16: torch.int16, 8: torch.int8}
 # The options that decide how a parameter's master and states are stored.
-STORAGE_OPTIONS = ("extra_bits", "state_dtype")
+STORAGE_OPTIONS = ("extra_bits", "state_dtype", "state_block")
 DEFAULT_EXTRA_BITS = 16
+# Quantized states: the default block size per bits, and the smallest parameter that is quantized
+# (smaller ones, norms and biases, keep the default state dtype, as bitsandbytes does: their share of
+# the memory is small and their statistics are the least regular).
+DEFAULT_STATE_BLOCK = {8: 256, 4: 128}
+QUANTIZE_MIN_NUMEL = 4096
+SCALE_SUFFIX = "_scale"
 
 
 def extra_bits(group: dict[str, Any], p: Tensor) -> int:
@@ -28,11 +36,45 @@ def extra_bits(group: dict[str, Any], p: Tensor) -> int:
     return 0 if p.dtype == torch.float32 else group["extra_bits"]
 
 
+def state_bits(group: dict[str, Any], p: Tensor) -> int:
+    """Bits per element of ``p``'s quantized moment buffers: 8 or 4, or 0 when they are not quantized."""
+    bits = QUANTIZED_STATE_DTYPES.get(group["state_dtype"]) if isinstance(group["state_dtype"], str) else None
+    return bits if bits and p.numel() >= QUANTIZE_MIN_NUMEL else 0
+
+
+def state_block(group: dict[str, Any], bits: int) -> int:
+    """Elements per block of quantized states with ``bits`` bits: the group's ``state_block`` or the default."""
+    return group.get("state_block") or DEFAULT_STATE_BLOCK[bits]
+
+
 def state_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
-    """The dtype of ``p``'s moment buffers: the group's, or by default bfloat16 for half weights."""
-    if group["state_dtype"] is not None:
+    """The dtype of ``p``'s moment buffers: the group's, uint8 codes for quantized states, or by default
+    bfloat16 for half weights (also for parameters too small to be quantized)."""
+    if state_bits(group, p):
+        return torch.uint8
+    if group["state_dtype"] is not None and not isinstance(group["state_dtype"], str):
         return group["state_dtype"]
     return torch.float32 if p.dtype == torch.float32 else torch.bfloat16
+
+
+def state_shape(group: dict[str, Any], p: Tensor, name: str) -> tuple[int, ...]:
+    """The shape of state ``name`` of ``p``: the parameter's, or flat codes and block scales when quantized."""
+    if name == "step":
+        return ()
+    bits = state_bits(group, p) if name != "extra" else 0
+    if not bits:
+        return tuple(p.shape)
+    n = p.numel()
+    if name.endswith(SCALE_SUFFIX):
+        block = state_block(group, bits)
+        return ((n + block - 1) // block,)
+    return (n if bits == 8 else (n + 1) // 2,)
+
+
+def _check_unsharded(group: dict[str, Any], what: Callable[[], str], p: Tensor, error: type) -> None:
+    if state_bits(group, p) and _sharding.is_sharded(p):
+        raise error(f"{what()}: quantized states (state_dtype={group['state_dtype']!r}) are not supported for "
+                    f"sharded (FSDP2) parameters: their blocks would follow each rank's shard")
 
 
 class StateLayout:
@@ -55,8 +97,9 @@ class StateLayout:
         expected = self._expected.get(key)
         if expected is None:
             k, dtype, names = key
+            scales = {name + SCALE_SUFFIX: torch.float32 for name in names} if dtype == torch.uint8 else {}
             expected = {"step": torch.int64, **({"extra": EXTRA_DTYPE[k]} if k else {}),
-                        **{name: dtype for name in names}}
+                        **{name: dtype for name in names}, **scales}
             self._expected[key] = expected
         return expected
 
@@ -73,11 +116,12 @@ class StateLayout:
                             f"their own master and keep no extra bits")
             raise error(f"{what()}: extra_bits changed to {extra_bits(group, p)} after the first step; change it "
                         f"through state_dict() and load_state_dict() into an optimizer made with the new value")
+        _check_unsharded(group, what, p, error)
         for name, dtype in expected.items():
             t = state.get(name)
             if t is None:
                 continue
-            shape = () if name == "step" else p.shape
+            shape = state_shape(group, p, name)
             if not isinstance(t, Tensor) or t.dtype != dtype or t.shape != shape or t.device != p.device:
                 got = f"{t.dtype}, shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(t)
                 raise error(
@@ -94,7 +138,7 @@ class StateLayout:
             return True
         known = self._checked.get(id(p))
         if (known is None or known[1] is not group.get("extra_bits") or known[2] is not group.get("state_dtype")
-                or known[3] is not p.dtype):
+                or known[3] is not p.dtype or known[4] is not group.get("state_block")):
             return None
         for name, ref in known[0]:
             if state.get(name) is not ref():
@@ -114,12 +158,17 @@ class StateLayout:
         expected = self.expected(group, p)
         if all(name in state for name in expected):
             self._checked[id(p)] = (tuple((name, weakref.ref(state[name])) for name in expected),
-                                    group.get("extra_bits"), group.get("state_dtype"), p.dtype)
+                                    group.get("extra_bits"), group.get("state_dtype"), p.dtype,
+                                    group.get("state_block"))
 
     def create(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> dict[str, Any]:
         """Adds ``p``'s missing state tensors (zeros; sharded as ``p``, ``step`` a plain scalar) to ``state``."""
+        quantized = state_bits(group, p) != 0
+        _check_unsharded(group, lambda: "parameter", p, RuntimeError)
         for name, dtype in self.expected(group, p).items():
             if name not in state:
-                state[name] = (torch.zeros((), dtype=dtype, device=p.device) if name == "step"
-                               else _sharding.zeros(p, dtype))
+                if name == "step" or (quantized and name != "extra"):
+                    state[name] = torch.zeros(state_shape(group, p, name), dtype=dtype, device=p.device)
+                else:
+                    state[name] = _sharding.zeros(p, dtype)
         return state

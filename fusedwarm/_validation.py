@@ -20,6 +20,8 @@ from . import _sharding, schedules
 EXTRA_BITS = (0, 8, 16)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+QUANTIZED_STATE_DTYPES = {"int8": 8, "int4": 4}  # block-quantized states: bits per element
+MIN_STATE_BLOCK, MAX_STATE_BLOCK = 32, 2048      # csrc/include/fusedwarm/quant.cuh
 ARITHMETICS = ("ieee", "pam")
 UPDATE_CONTROLS = (None, "tensor", "row", "rotational")
 CLIP_MODES = ("global", "tensor", "lagged", "lagged-tensor")
@@ -59,12 +61,22 @@ def check_lr_betas(group: dict[str, Any]) -> None:
     check_beta("beta2", betas[1])
 
 
-def check_storage(extra_bits: Any, state_dtype: Any, seed: Any) -> None:
+def check_storage(extra_bits: Any, state_dtype: Any, seed: Any, state_block: Any = None) -> None:
     """The options that decide how weights and states are stored, and the random stream's key."""
     if type(extra_bits) is not int or extra_bits not in EXTRA_BITS:
         raise ValueError(f"Invalid extra_bits: {extra_bits!r} (expected one of {EXTRA_BITS})")
-    if state_dtype is not None and state_dtype not in STATE_DTYPES:
-        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32 or torch.bfloat16)")
+    quantized = isinstance(state_dtype, str) and state_dtype in QUANTIZED_STATE_DTYPES
+    if state_dtype is not None and not quantized and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, torch.bfloat16, "
+                         f"'int8' or 'int4')")
+    if state_block is not None:
+        if not quantized:
+            raise ValueError(f"state_block={state_block!r} is only used with quantized states (state_dtype='int8' or "
+                             f"'int4'), not state_dtype={state_dtype!r}")
+        if (type(state_block) is not int or not MIN_STATE_BLOCK <= state_block <= MAX_STATE_BLOCK
+                or state_block & (state_block - 1)):
+            raise ValueError(f"Invalid state_block: {state_block!r} (expected a power of two from {MIN_STATE_BLOCK} "
+                             f"to {MAX_STATE_BLOCK})")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
         raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**63))")
 
@@ -135,7 +147,7 @@ def check_warmup(opt: str, allowed: tuple[str, ...], group: dict[str, Any]) -> N
 def check_group(opt: str, allowed_warmups: tuple[str, ...], check_hyper: Callable[[dict[str, Any]], None],
                 group: dict[str, Any]) -> None:
     """Every option of a param group merged with the defaults; ``check_hyper`` checks the rule's own."""
-    check_storage(group.get("extra_bits", 16), group.get("state_dtype"), group.get("seed"))
+    check_storage(group.get("extra_bits", 16), group.get("state_dtype"), group.get("seed"), group.get("state_block"))
     check_arithmetic(group.get("arithmetic", "ieee"))
     check_update_control(group)
     check_hyper(group)

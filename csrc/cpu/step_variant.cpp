@@ -35,7 +35,8 @@ std::vector<fw::RowCoef> row_coefficients(const CpuStepCall& call, const typenam
                                           float grad_scale, int64_t n, int64_t row_size,
                                           const typename P::storage* w, const typename P::storage* g,
                                           const typename P::extra_storage* ext, const typename S::storage* s0,
-                                          const typename S::storage* s1) {
+                                          const typename S::storage* s1, const float* scale0, const float* scale1,
+                                          int block_shift) {
   const int64_t rows = n / row_size;
   const int64_t per_row = (row_size + fw::kNormChunk - 1) / fw::kNormChunk;
   std::vector<fw::NormSums> partial(static_cast<size_t>(rows * per_row));
@@ -47,9 +48,10 @@ std::vector<fw::RowCoef> row_coefficients(const CpuStepCall& call, const typenam
       fw::NormSums sums{0.0f, 0.0f, 0.0f};
       for (int64_t k = first; k < last; ++k) {
         float p0, u;
-        fw::element_delta<Rule, P, S, M>(sc, w[k], P::K > 0 ? static_cast<int32_t>(ext[k]) : 0, g[k], grad_scale,
-                                         Rule::kStates > 0 ? s0[k] : typename S::storage{},
-                                         Rule::kStates > 1 ? s1[k] : typename S::storage{}, p0, u);
+        fw::element_delta<Rule, P, M>(sc, w[k], P::K > 0 ? static_cast<int32_t>(ext[k]) : 0, g[k], grad_scale,
+                                      Rule::kStates > 0 ? fw::load_state<S, 0>(s0, scale0, block_shift, k) : 0.0f,
+                                      Rule::kStates > 1 ? fw::load_state<S, 1>(s1, scale1, block_shift, k) : 0.0f,
+                                      p0, u);
         fw::norm_accumulate(sums, p0, u);
       }
       partial[c] = sums;
@@ -79,46 +81,53 @@ struct TensorWork {
   typename P::extra_storage* ext;
   typename S::storage* s0;
   typename S::storage* s1;
+  float* scale0;  // quantized states: block scales (TensorSlot::scale)
+  float* scale1;
+  int block_shift;
   std::vector<fw::RowCoef> coefs;  // one per row
 };
+
+// The per-tensor part of a call, shared by the element loop and the quantized block loop.
+template <class Rule, class P, class S, class M>
+TensorWork<Rule, P, S> tensor_work(const CpuStepCall& call, const TensorSlot& slot) {
+  const typename Rule::Hyper& h = *static_cast<const typename Rule::Hyper*>(call.hyper);
+  constexpr int kS = Rule::kStates;
+  const int64_t step = *slot.step;
+  TensorWork<Rule, P, S> t;
+  t.nonfinite = slot.nonfinite;
+  t.sc = Rule::template scalars<fw::Ieee>(h, call.lr, step);
+  t.step = static_cast<uint64_t>(step);
+  t.tensor_id = slot.tensor_id;
+  t.offset = slot.element_offset;
+  t.grad_scale = slot.grad_scale != nullptr ? *slot.grad_scale : 1.0f;
+  t.row_size = slot.row_size;
+  t.w = static_cast<typename P::storage*>(slot.param);
+  t.g = static_cast<const typename P::storage*>(slot.grad);
+  t.ext = P::K > 0 ? static_cast<typename P::extra_storage*>(slot.extra) : nullptr;
+  t.s0 = kS > 0 ? static_cast<typename S::storage*>(slot.state[0]) : nullptr;
+  t.s1 = kS > 1 ? static_cast<typename S::storage*>(slot.state[1]) : nullptr;
+  t.scale0 = kS > 0 ? slot.scale[0] : nullptr;
+  t.scale1 = kS > 1 ? slot.scale[1] : nullptr;
+  t.block_shift = slot.block_shift;
+  t.coefs = call.control.mode != fw::kControlNone
+                ? row_coefficients<Rule, P, S, M>(call, t.sc, call.control, fw::effective_lr(h.schedule, call.lr, step),
+                                                  t.grad_scale, slot.numel, t.row_size, t.w, t.g, t.ext, t.s0, t.s1,
+                                                  t.scale0, t.scale1, t.block_shift)
+                : std::vector<fw::RowCoef>{fw::RowCoef{1.0f, 1.0f}};
+  return t;
+}
 
 // All tensors of a call run in one parallel loop over their concatenated elements, so that
 // threads start and join once per call, not once per tensor, and small tensors (biases, norms)
 // share the threads with large ones instead of running alone.
 template <class Rule, class P, class S, class M>
 void run_typed(const CpuStepCall& call) {
-  using PS = typename P::storage;
-  using SS = typename S::storage;
-  constexpr int kS = Rule::kStates;
-  const typename Rule::Hyper& h = *static_cast<const typename Rule::Hyper*>(call.hyper);
-  const float lr = call.lr;
   const uint64_t seed = call.seed;
-  const bool control = call.control.mode != fw::kControlNone;
   std::vector<TensorWork<Rule, P, S>> work;
   std::vector<int64_t> start{0};  // work[j] holds elements [start[j], start[j + 1]) of the concatenation
   for (int64_t i = 0; i < call.num_slots; ++i) {
-    const TensorSlot& slot = call.slots[i];
-    const int64_t n = slot.numel;
-    const int64_t step = *slot.step;
-    TensorWork<Rule, P, S> t;
-    t.nonfinite = slot.nonfinite;
-    t.sc = Rule::template scalars<fw::Ieee>(h, lr, step);
-    t.step = static_cast<uint64_t>(step);
-    t.tensor_id = slot.tensor_id;
-    t.offset = slot.element_offset;
-    t.grad_scale = slot.grad_scale != nullptr ? *slot.grad_scale : 1.0f;
-    t.row_size = slot.row_size;
-    t.w = static_cast<PS*>(slot.param);
-    t.g = static_cast<const PS*>(slot.grad);
-    t.ext = P::K > 0 ? static_cast<typename P::extra_storage*>(slot.extra) : nullptr;
-    t.s0 = kS > 0 ? static_cast<SS*>(slot.state[0]) : nullptr;
-    t.s1 = kS > 1 ? static_cast<SS*>(slot.state[1]) : nullptr;
-    t.coefs = control ? row_coefficients<Rule, P, S, M>(call, t.sc, call.control,
-                                                        fw::effective_lr(h.schedule, lr, step), t.grad_scale, n,
-                                                        t.row_size, t.w, t.g, t.ext, t.s0, t.s1)
-                      : std::vector<fw::RowCoef>{fw::RowCoef{1.0f, 1.0f}};
-    work.push_back(std::move(t));
-    start.push_back(start.back() + n);
+    work.push_back(tensor_work<Rule, P, S, M>(call, call.slots[i]));
+    start.push_back(start.back() + call.slots[i].numel);
   }
   if (work.empty()) return;
   std::vector<std::atomic<int64_t>> skipped(work.size());
@@ -157,10 +166,112 @@ void run_typed(const CpuStepCall& call) {
   }
 }
 
+// Quantized states (quant.cuh; update.cuh, "quantized states"): one parallel loop over the
+// concatenated blocks of B = 2^block_shift elements of all tensors; each block's elements are
+// computed into local arrays (one vectorizable pass that also takes the states' largest
+// magnitudes), then, if every scaled gradient of the block is finite, written back with the new
+// block scales. Quantized states are never sharded (element_offset 0), and B divides the random
+// stream's blocks, so one key serves a whole block.
+template <class Rule, class P, class S, class M>
+void run_quantized(const CpuStepCall& call) {
+  constexpr int kS = Rule::kStates;
+  using PS = typename P::storage;
+  const uint64_t seed = call.seed;
+  const bool control = call.control.mode != fw::kControlNone;
+  std::vector<TensorWork<Rule, P, S>> work;
+  std::vector<int64_t> numel;
+  std::vector<int64_t> start{0};  // work[j] holds blocks [start[j], start[j + 1]) of the concatenation
+  for (int64_t i = 0; i < call.num_slots; ++i) {
+    const TensorSlot& slot = call.slots[i];
+    work.push_back(tensor_work<Rule, P, S, M>(call, slot));
+    numel.push_back(slot.numel);
+    start.push_back(start.back() + ((slot.numel - 1) >> slot.block_shift) + 1);
+  }
+  if (work.empty()) return;
+  std::vector<std::atomic<int64_t>> skipped(work.size());
+  const int64_t grain = std::max<int64_t>(1, kGrain >> work[0].block_shift);
+  parallel_for(call, 0, start.back(), grain, [&](int64_t begin, int64_t end) {
+    float p[fw::kMaxQuantBlock], f0[fw::kMaxQuantBlock], f1[fw::kMaxQuantBlock];
+    uint8_t c0[fw::kMaxQuantBlock + 1], c1[fw::kMaxQuantBlock + 1];
+    size_t j = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
+    for (int64_t b = begin; b < end; ++b) {
+      while (b >= start[j + 1]) ++j;
+      const TensorWork<Rule, P, S>& t = work[j];
+      const int64_t first = (b - start[j]) << t.block_shift;
+      const int32_t len = static_cast<int32_t>(std::min<int64_t>(int64_t{1} << t.block_shift, numel[j] - first));
+      const int64_t q = first >> t.block_shift;
+      PS* __restrict w = t.w + first;
+      const PS* __restrict g = t.g + first;
+      const float scale0 = kS > 0 ? t.scale0[q] : 0.0f;
+      const float scale1 = kS > 1 ? t.scale1[q] : 0.0f;
+      uint32_t largest0 = 0, largest1 = 0;
+      int32_t bad = 0;
+#pragma omp simd reduction(max : largest0, largest1) reduction(+ : bad)
+      for (int32_t i = 0; i < len; ++i) {
+        const int64_t k = first + i;
+        const fw::RowCoef c = control ? t.coefs[k / t.row_size] : fw::RowCoef{1.0f, 1.0f};
+        float a = kS > 0 ? S::Code0::decode(S::code_at(t.s0, k), scale0) : 0.0f;
+        float v = kS > 1 ? S::Code1::decode(S::code_at(t.s1, k), scale1) : 0.0f;
+        float p0;
+        const bool ok = fw::element_values<Rule, P, M, fw::RowCoef, false>(
+            t.sc, w[i], P::K > 0 ? static_cast<int32_t>(t.ext[k]) : 0, g[i], t.grad_scale, p0, p[i], a, v, c);
+        f0[i] = a;
+        f1[i] = v;
+        const uint32_t m0 = fw::saturated_magnitude(a), m1 = fw::saturated_magnitude(v);
+        largest0 = m0 > largest0 ? m0 : largest0;
+        largest1 = m1 > largest1 ? m1 : largest1;
+        bad += ok ? 0 : 1;
+      }
+      if (bad != 0) {  // the block is the unit of a skip: nothing of it is written
+        skipped[j].fetch_add(bad, std::memory_order_relaxed);
+        continue;
+      }
+      const float inv0 = S::Code0::block_inverse(largest0), inv1 = S::Code1::block_inverse(largest1);
+      if (kS > 0) t.scale0[q] = S::Code0::block_scale(largest0);
+      if (kS > 1) t.scale1[q] = S::Code1::block_scale(largest1);
+      const uint32_t key = fw::stream_key(seed, t.tensor_id, t.step, fw::random_block(static_cast<uint64_t>(first)));
+      const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(first));
+#pragma omp simd
+      for (int32_t i = 0; i < len; ++i) {
+        int32_t e = P::K > 0 ? static_cast<int32_t>(t.ext[first + i]) : 0;
+        uint32_t a, v;
+        fw::store_quantized<P, S, kS>(counter + static_cast<uint32_t>(i), p[i], f0[i], f1[i], inv0, inv1, w[i], e, a,
+                                      v);
+        if (P::K > 0) t.ext[first + i] = static_cast<typename P::extra_storage>(e);
+        c0[i] = static_cast<uint8_t>(a);
+        c1[i] = static_cast<uint8_t>(v);
+      }
+      if (S::kBits == 8) {
+        if (kS > 0) std::copy_n(c0, len, t.s0 + first);
+        if (kS > 1) std::copy_n(c1, len, t.s1 + first);
+      } else {
+        c0[len] = 0;  // the high nibble of an odd-length block's last byte
+        c1[len] = 0;
+        for (int32_t i = 0; i < len; i += 2) {
+          if (kS > 0) t.s0[(first + i) >> 1] = static_cast<uint8_t>(c0[i] | (c0[i + 1] << 4));
+          if (kS > 1) t.s1[(first + i) >> 1] = static_cast<uint8_t>(c1[i] | (c1[i + 1] << 4));
+        }
+      }
+    }
+  });
+  for (size_t j = 0; j < work.size(); ++j) {
+    if (work[j].nonfinite != nullptr) *work[j].nonfinite += skipped[j].load();
+  }
+}
+
+template <class Rule, class P, class S, class M>
+void run_variant(const CpuStepCall& call) {
+  if constexpr (S::kQuantized) {
+    run_quantized<Rule, P, S, M>(call);
+  } else {
+    run_typed<Rule, P, S, M>(call);
+  }
+}
+
 }  // namespace
 
 }  // namespace fusedwarm
 
 extern "C" void fusedwarm_cpu_step(const fusedwarm::CpuStepCall* call) {
-  fusedwarm::run_typed<FW_RULE, FW_PARAM, FW_STATE, FW_ARITH>(*call);
+  fusedwarm::run_variant<FW_RULE, FW_PARAM, FW_STATE, FW_ARITH>(*call);
 }

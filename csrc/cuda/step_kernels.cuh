@@ -77,6 +77,9 @@ struct SlotUpdate {
   float grad_scale;
   const fw::RowCoef* row_coef;
   int64_t row_size;
+  float* scale0;  // quantized states: block scales, one per 2^block_shift elements
+  float* scale1;
+  int block_shift;
   typename Rule::Scalars scalars;
 
   // Exactly the CPU backend's per-tensor values: scalars from the signed step, the random keys
@@ -94,7 +97,10 @@ struct SlotUpdate {
         offset(static_cast<uint64_t>(t.element_offset)),
         grad_scale(t.grad_scale != nullptr ? *t.grad_scale : 1.0f),
         row_coef(t.row_coef),
-        row_size(t.row_size) {
+        row_size(t.row_size),
+        scale0(t.scale[0]),
+        scale1(t.scale[1]),
+        block_shift(t.block_shift) {
     block0 = fw::random_block(offset);
     key0 = fw::stream_key(seed, tensor_id, static_cast<uint64_t>(step), block0);
     scalars = Rule::template scalars<fw::Ieee>(hyper, lr, step);
@@ -159,25 +165,104 @@ struct SlotUpdate {
     return skipped;
   }
 
+  // Quantized states (update.cuh, "quantized states"): thread t takes the kPack elements from
+  // base + kPack t, and the B / kPack consecutive threads that hold one block of B elements find
+  // the block's largest state magnitudes and whether every gradient is finite through shared
+  // memory (a maximum and a sum: the same in any order, so the same bits as the CPU's loop).
+  // Every thread of the block calls this for every tile (it has barriers).
+  __device__ __forceinline__ int tile_quantized(int64_t base) const {
+    __shared__ uint32_t largest[2][kThreads];
+    __shared__ int bad_in[kThreads];
+    const int64_t k0 = base + static_cast<int64_t>(threadIdx.x) * kPack;
+    float p[kPack], f0[kPack], f1[kPack];
+    uint32_t m0 = 0, m1 = 0;
+    int bad = 0;
+#pragma unroll
+    for (int i = 0; i < kPack; ++i) {
+      const int64_t k = k0 + i;
+      if (k < numel) {
+        float a = kStates > 0 ? fw::load_state<S, 0>(state0, scale0, block_shift, k) : 0.0f;
+        float v = kStates > 1 ? fw::load_state<S, 1>(state1, scale1, block_shift, k) : 0.0f;
+        float p0;
+        const bool ok = fw::element_values<Rule, P, M, fw::RowCoef, false>(
+            scalars, param[k], kExtra ? static_cast<int32_t>(extra[k]) : 0, grad[k], grad_scale, p0, p[i], a, v, coef(k));
+        f0[i] = a;
+        f1[i] = v;
+        const uint32_t a_mag = fw::saturated_magnitude(a), v_mag = fw::saturated_magnitude(v);
+        m0 = a_mag > m0 ? a_mag : m0;
+        m1 = v_mag > m1 ? v_mag : m1;
+        bad += ok ? 0 : 1;
+      }
+    }
+    largest[0][threadIdx.x] = m0;
+    largest[1][threadIdx.x] = m1;
+    bad_in[threadIdx.x] = bad;
+    __syncthreads();
+    const int group = (1 << block_shift) / kPack;  // threads per block of the states
+    const int leader = static_cast<int>(threadIdx.x) & ~(group - 1);
+    int block_bad = 0;
+    for (int j = leader; j < leader + group; ++j) {
+      m0 = largest[0][j] > m0 ? largest[0][j] : m0;
+      m1 = largest[1][j] > m1 ? largest[1][j] : m1;
+      block_bad += bad_in[j];
+    }
+    __syncthreads();  // the next tile reuses the shared arrays
+    if (block_bad != 0 || k0 >= numel) return bad;  // the block is the unit of a skip
+    const int64_t q = k0 >> block_shift;
+    const float inv0 = S::Code0::block_inverse(m0), inv1 = S::Code1::block_inverse(m1);
+    if (static_cast<int>(threadIdx.x) == leader) {
+      if (kStates > 0) scale0[q] = S::Code0::block_scale(m0);
+      if (kStates > 1) scale1[q] = S::Code1::block_scale(m1);
+    }
+    uint32_t c0[kPack], c1[kPack];
+#pragma unroll
+    for (int i = 0; i < kPack; ++i) {
+      const int64_t k = k0 + i;
+      c0[i] = 0u;
+      c1[i] = 0u;
+      if (k < numel) {
+        int32_t e = kExtra ? static_cast<int32_t>(extra[k]) : 0;
+        fw::store_quantized<P, S, kStates>(counter_of(k), p[i], f0[i], f1[i], inv0, inv1, param[k], e, c0[i], c1[i]);
+        if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
+      }
+    }
+    // Codes: a byte per element, or two nibbles per byte (kPack is even, so a thread's bytes are its own).
+#pragma unroll
+    for (int i = 0; i < kPack; i += (S::kBits == 8 ? 1 : 2)) {
+      const int64_t k = k0 + i;
+      if (k >= numel) break;
+      const int64_t at = S::kBits == 8 ? k : k >> 1;
+      const uint32_t b0 = S::kBits == 8 ? c0[i] : c0[i] | (c0[i + 1] << 4);
+      const uint32_t b1 = S::kBits == 8 ? c1[i] : c1[i] | (c1[i + 1] << 4);
+      if (kStates > 0) state0[at] = static_cast<St>(b0);
+      if (kStates > 1) state1[at] = static_cast<St>(b1);
+    }
+    return bad;
+  }
+
   // The kTile elements from `base`. Vectorized: thread t takes the pack at base + kPack t (the
   // one pack that crosses the end of the tensor goes element by element). Otherwise thread t
   // takes base + t + kThreads j, so that the scalar accesses of a warp stay coalesced.
   __device__ __forceinline__ int tile(int64_t base, bool vectorized) const {
-    int skipped = 0;
-    if (vectorized) {
-      const int64_t k0 = base + static_cast<int64_t>(threadIdx.x) * kPack;
-      if (k0 + kPack <= numel) {
-        skipped = pack(k0);
-      } else {
-        for (int64_t k = k0; k < numel; ++k) skipped += one(k);
-      }
+    if constexpr (S::kQuantized) {
+      return tile_quantized(base);
     } else {
-      for (int j = 0; j < kPack; ++j) {
-        const int64_t k = base + static_cast<int64_t>(j) * kThreads + threadIdx.x;
-        if (k < numel) skipped += one(k);
+      int skipped = 0;
+      if (vectorized) {
+        const int64_t k0 = base + static_cast<int64_t>(threadIdx.x) * kPack;
+        if (k0 + kPack <= numel) {
+          skipped = pack(k0);
+        } else {
+          for (int64_t k = k0; k < numel; ++k) skipped += one(k);
+        }
+      } else {
+        for (int j = 0; j < kPack; ++j) {
+          const int64_t k = base + static_cast<int64_t>(j) * kThreads + threadIdx.x;
+          if (k < numel) skipped += one(k);
+        }
       }
+      return skipped;
     }
-    return skipped;
   }
 };
 
@@ -237,13 +322,14 @@ __device__ __forceinline__ void norm_chunks_body(const LaunchArgs& a, const type
   const int64_t last = first + fw::kNormChunk < row_end ? first + fw::kNormChunk : row_end;
   const float lr = a.lr != nullptr ? *a.lr : a.lr_value;
   const SlotUpdate<Rule, P, S, M> u(t, hyper, lr, a.seed);
-  using St = typename S::storage;
   fw::NormSums sums{0.0f, 0.0f, 0.0f};
   for (int64_t k = first; k < last; ++k) {
     float p0, d;
-    fw::element_delta<Rule, P, S, M>(u.scalars, u.param[k], P::K > 0 ? static_cast<int32_t>(u.extra[k]) : 0,
-                                     u.grad[k], u.grad_scale, Rule::kStates > 0 ? u.state0[k] : St{},
-                                     Rule::kStates > 1 ? u.state1[k] : St{}, p0, d);
+    fw::element_delta<Rule, P, M>(u.scalars, u.param[k], P::K > 0 ? static_cast<int32_t>(u.extra[k]) : 0,
+                                  u.grad[k], u.grad_scale,
+                                  Rule::kStates > 0 ? fw::load_state<S, 0>(u.state0, u.scale0, u.block_shift, k) : 0.0f,
+                                  Rule::kStates > 1 ? fw::load_state<S, 1>(u.state1, u.scale1, u.block_shift, k) : 0.0f,
+                                  p0, d);
     fw::norm_accumulate(sums, p0, d);
   }
   a.partials[g] = sums;

@@ -37,11 +37,16 @@ class AdamW(FusedOptimizer):
             always runs its fused multi-tensor kernel), ``False`` raises a ``ValueError``.
         maximize: maximize the objective instead of minimizing it.
         extra_bits: 16 (the default), 8 or 0 low-order master bits kept per half-precision weight.
-        state_dtype: ``torch.float32``, ``torch.bfloat16`` or ``None`` (bfloat16 for half-precision
-            weights, float32 for float32 weights). ``extra_bits`` and ``state_dtype`` are the storage
+        state_dtype: ``torch.float32``, ``torch.bfloat16``, ``"int8"``, ``"int4"`` or ``None`` (bfloat16
+            for half-precision weights, float32 for float32 weights). ``"int8"``/``"int4"``: block-quantized
+            states (8 or 4 bits per element plus a float32 scale per block, written with stochastic
+            rounding; see :mod:`fusedwarm.optim`); parameters with fewer than 4,096 elements keep the
+            default dtype. ``extra_bits``, ``state_dtype`` and ``state_block`` are the storage
             options: given here (or in a param group), they also apply to a loaded checkpoint, whose
             states are converted; left unset, a loaded checkpoint keeps its own (see
             :meth:`load_state_dict`).
+        state_block: elements per block of quantized states, a power of two from 32 to 2048; ``None``
+            is 256 for ``"int8"``, 128 for ``"int4"`` (only with those).
         seed: key of the stochastic-rounding random stream; drawn from torch's generator if None.
         backward_step: update each parameter inside ``backward()`` as soon as its gradient is
             complete, then free the gradient (Lewandowski & Kosson 2023); ``step()`` then only
@@ -100,7 +105,8 @@ class AdamW(FusedOptimizer):
         *,
         maximize: bool = False,
         extra_bits: int | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        state_block: int | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",
         warmup: str = "untuned",
@@ -123,7 +129,7 @@ class AdamW(FusedOptimizer):
         _validation.check_torch_options("AdamW", dict(amsgrad=amsgrad, foreach=foreach, fused=fused,
                                                       capturable=capturable, differentiable=differentiable))
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        extra_bits=extra_bits, state_dtype=state_dtype, seed=seed, arithmetic=arithmetic,
+                        extra_bits=extra_bits, state_dtype=state_dtype, state_block=state_block, seed=seed, arithmetic=arithmetic,
                         warmup=warmup, warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule,
                         v_init=v_init, update_control=update_control, update_norm=update_norm)
         self._check_hyper(defaults)

@@ -24,7 +24,8 @@ from .. import _ops, _sharding, _validation, backward, schedules
 from .._checkpoint import Checkpointing
 from .._reporting import Reporting
 from .._scaling import GradScaling
-from .._states import DEFAULT_EXTRA_BITS, STORAGE_OPTIONS, StateLayout, extra_bits
+from .._states import (DEFAULT_EXTRA_BITS, SCALE_SUFFIX, STORAGE_OPTIONS, StateLayout, extra_bits, state_bits,
+                       state_block)
 
 
 def _default_seed() -> int:
@@ -65,7 +66,8 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
         storage_given = frozenset(k for k in STORAGE_OPTIONS if defaults[k] is not None)
         if defaults["extra_bits"] is None:
             defaults["extra_bits"] = DEFAULT_EXTRA_BITS
-        _validation.check_storage(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"])
+        _validation.check_storage(defaults["extra_bits"], defaults["state_dtype"], defaults["seed"],
+                                  defaults["state_block"])
         _validation.check_driver(backward_step, bucket_cap_mb, max_grad_norm, clip, loss_scale)
         _validation.check_arithmetic(defaults.get("arithmetic", "ieee"))
         _validation.check_update_control(defaults)
@@ -268,6 +270,22 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
     def _launch(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
         """Updates ``params`` (one group, device and dtype) with the given gradients.
 
+        One fused call per state layout: with quantized states, parameters too small to be
+        quantized keep the default states and take a call of their own.
+        """
+        group = self.param_groups[gi]
+        if isinstance(group["state_dtype"], str):
+            quantized = [state_bits(group, p) != 0 for p in params]
+            if not all(quantized) and any(quantized):
+                for want in (True, False):
+                    self._launch_layout(gi, [p for p, q in zip(params, quantized) if q is want],
+                                        [g for g, q in zip(grads, quantized) if q is want])
+                return
+        self._launch_layout(gi, params, grads)
+
+    def _launch_layout(self, gi: int, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Updates ``params`` (one group, device, dtype and state layout) with the given gradients.
+
         One fused call, or two with ``update_control="rotational"``: tensors of one dimension
         (gains, biases; excluded by Kosson et al. 2024) take the plain step with weight decay.
         """
@@ -315,6 +333,8 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
         lr = group["lr"]
         lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else None
         skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
+        bits = state_bits(group, params[0])
+        quantized = [n for n in self._op_states if n in used] if bits else []
         ids = [self._ids[id(p)] for p in params]  # each tensor's index in the optimizer: its random-stream key
         # The overload itself, not the packet: the packet's overload resolution costs ~50 us per call.
         op = getattr(_ops.load(), self._op_name).default
@@ -338,6 +358,9 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
                 **self._schedule_args(group),
                 **controls,
                 element_offsets=offsets,
+                state_scales=[s[n + SCALE_SUFFIX] for n in quantized for s in states] if quantized else None,
+                state_bits=bits,
+                state_block=state_block(group, bits) if bits else 0,
             )
         except BaseException:
             # The op checks everything and compiles its kernel variant (first use) before it changes

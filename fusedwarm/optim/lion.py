@@ -35,7 +35,7 @@ class Lion(FusedOptimizer):
             sign update has full size from the first step, so this is the analogue of Ma & Yarats's
             rule rather than their derivation. ``"untuned-exp"``, ``"linear"`` and ``"none"`` are
             supported; ``"radam"`` (no second moment) is not.
-        extra_bits, state_dtype, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
+        extra_bits, state_dtype, state_block, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
             bucket_cap_mb, max_grad_norm, clip, loss_scale, update_control, update_norm: see :class:`AdamW`.
     """
 
@@ -55,7 +55,8 @@ class Lion(FusedOptimizer):
         *,
         maximize: bool = False,
         extra_bits: int | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        state_block: int | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",
         warmup: str = "untuned",
@@ -71,7 +72,7 @@ class Lion(FusedOptimizer):
         update_norm: float | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, extra_bits=extra_bits,
-                        state_dtype=state_dtype, seed=seed, arithmetic=arithmetic, warmup=warmup,
+                        state_dtype=state_dtype, state_block=state_block, seed=seed, arithmetic=arithmetic, warmup=warmup,
                         warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule,
                         update_control=update_control, update_norm=update_norm)
         self._check_hyper(defaults)

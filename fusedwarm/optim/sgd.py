@@ -33,7 +33,7 @@ class SGD(FusedOptimizer):
             zero-initialized EMA of an adaptive optimizer, and SGD has none, so the default keeps
             :class:`torch.optim.SGD`'s behaviour. ``"linear"`` (with ``warmup_steps``,
             ``warmup_start``) and ``"none"`` are supported.
-        extra_bits, state_dtype, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
+        extra_bits, state_dtype, state_block, seed, arithmetic, warmup_steps, warmup_start, schedule, backward_step,
             bucket_cap_mb, max_grad_norm, clip, loss_scale, update_control, update_norm, foreach, fused,
             differentiable: see :class:`AdamW`.
     """
@@ -56,7 +56,8 @@ class SGD(FusedOptimizer):
         *,
         maximize: bool = False,
         extra_bits: int | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
+        state_block: int | None = None,
         seed: int | None = None,
         arithmetic: str = "ieee",
         warmup: str = "untuned",
@@ -76,7 +77,7 @@ class SGD(FusedOptimizer):
     ) -> None:
         _validation.check_torch_options("SGD", dict(foreach=foreach, fused=fused, differentiable=differentiable))
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype,
+                        nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype, state_block=state_block,
                         seed=seed, arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
                         warmup_start=warmup_start, schedule=schedule, update_control=update_control,
                         update_norm=update_norm)

@@ -7,6 +7,7 @@
 #include "bits.cuh"
 #include "pam.cuh"
 #include "philox.cuh"
+#include "quant.cuh"
 #include "schedule.cuh"
 
 namespace fw {
@@ -69,6 +70,7 @@ struct ParamHalf {
 
 struct StateF32 {
   using storage = float;
+  static constexpr bool kQuantized = false;
   static constexpr bool kLossy = false;
   static constexpr int kRandomBits = 0;
   static FW_HD float load(float s) { return s; }
@@ -79,6 +81,7 @@ struct StateF32 {
 // keep moving in expectation (Zamirai et al. 2020).
 struct StateBF16 {
   using storage = uint16_t;
+  static constexpr bool kQuantized = false;
   static constexpr bool kLossy = true;
   static constexpr int kRandomBits = 16;  // store() uses the top 16 bits of its random word
   static FW_HD float load(uint16_t s) { return half_bits_to_float<BF16Format>(s); }
@@ -301,6 +304,39 @@ FW_HD bool scaled_grads_finite(typename P::magnitude_type max_magnitude, float g
   return is_finite(scaled_grad<P, M>(P::from_magnitude(max_magnitude), scale_magnitude));
 }
 
+// The random words of one element (counter: element_counter): the weight's first (if its format
+// is lossy), then one for the states (if lossy), of which the first state rounds with the top 16
+// bits and the second with the low 16 bits (moved to the top).
+struct ElementWords {
+  uint32_t weight, state0, state1;
+};
+template <class P, class S, int kStates>
+FW_HD ElementWords element_words(uint32_t counter) {
+  static_assert(!S::kLossy || S::kRandomBits == 16, "lossy states share one 32-bit random word");
+  constexpr int kWeightWords = P::kLossy ? 1 : 0;
+  constexpr int kWords = kWeightWords + (S::kLossy && kStates > 0 ? 1 : 0);
+  U32x4 r{0u, 0u, 0u, 0u};
+  if (kWords > 0) r = element_random<kWords>(counter);
+  const uint32_t state_word = kWeightWords > 0 ? r.y : r.x;
+  return ElementWords{r.x, state_word & 0xFFFF0000u, state_word << 16};
+}
+
+// One element's new values, writing nothing: the weight p (after the update-size control's blend)
+// from its stored value p0, and the rule's states f0, f1 (in: the old values, out: the new). The
+// return value is whether the scaled gradient is finite; when it is not, the values are those of
+// a zero gradient and must not be stored (with kFinite the caller has established it is finite).
+template <class Rule, class P, class M, class C, bool kFinite>
+FW_HD bool element_values(const typename Rule::Scalars& sc, typename P::storage w, int32_t e, typename P::storage g,
+                          float grad_scale, float& p0, float& p, float& f0, float& f1, const C& coef) {
+  const float gf = scaled_grad<P, M>(g, grad_scale);
+  const bool ok = kFinite || is_finite(gf);
+  p0 = P::template load<M>(w, e);
+  p = p0;
+  Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
+  p = coef.template blend<M>(p0, p);
+  return ok;
+}
+
 // Updates one element in place. `e` is the extra-bits value (ignored for ParamF32 and K = 0),
 // `s0`, `s1` the rule's raw states (those past Rule::kStates are ignored; at most 2). The
 // gradient is multiplied by `grad_scale` first (1 when the caller scales nothing; a loss scale's
@@ -323,31 +359,52 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t counter, ty
                           int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
                           typename S::storage& s1, const C& coef = C{}) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
-  const float gf = scaled_grad<P, M>(g, grad_scale);
-  const bool ok = kFinite || is_finite(gf);
-  const float p0 = P::template load<M>(w, e);
-  float p = p0;
+  static_assert(!S::kQuantized, "quantized states are written a block at a time (update_block_values)");
   float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
   float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
-  Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
-  p = coef.template blend<M>(p0, p);
-  // Random words: the weight's first (if lossy), then one for the states (if lossy): a state
-  // rounds with the top 16 bits of its word (StateBF16), so the first state takes the word's
-  // high half and the second its low half.
-  static_assert(!S::kLossy || S::kRandomBits == 16, "lossy states share one 32-bit random word");
-  constexpr int kWeightWords = P::kLossy ? 1 : 0;
-  constexpr int kWords = kWeightWords + (S::kLossy && Rule::kStates > 0 ? 1 : 0);
-  U32x4 r{0u, 0u, 0u, 0u};
-  if (kWords > 0) r = element_random<kWords>(counter);
-  const uint32_t state_word = kWeightWords > 0 ? r.y : r.x;
+  float p0, p;
+  const bool ok = element_values<Rule, P, M, C, kFinite>(sc, w, e, g, grad_scale, p0, p, f0, f1, coef);
+  const ElementWords r = element_words<P, S, Rule::kStates>(counter);
   typename P::storage w_new;
   int32_t e_new = e;  // a float32 weight keeps no extra bits: its store leaves e_new as it is
-  P::store(p, r.x, w_new, e_new);
+  P::store(p, r.weight, w_new, e_new);
   w = ok ? w_new : w;
   e = ok ? e_new : e;
-  if (Rule::kStates > 0) s0 = ok ? S::store(f0, state_word) : s0;
-  if (Rule::kStates > 1) s1 = ok ? S::store(f1, state_word << 16) : s1;
+  if (Rule::kStates > 0) s0 = ok ? S::store(f0, r.state0) : s0;
+  if (Rule::kStates > 1) s1 = ok ? S::store(f1, r.state1) : s1;
   return ok;
+}
+
+// ---- quantized states (quant.cuh) ------------------------------------------------------------
+
+// The value of state kState (0 or 1) of element k, from its storage `s` (and for quantized states
+// the block scales, one per 2^block_shift elements).
+template <class S, int kState>
+FW_HD float load_state(const typename S::storage* s, const float* scales, int block_shift, int64_t k) {
+  if constexpr (S::kQuantized) {
+    return S::template Code<kState>::decode(S::code_at(s, k), scales[k >> block_shift]);
+  } else {
+    return S::load(s[k]);
+  }
+}
+
+// With quantized states a step updates a block of the states' B elements at once, in three parts
+// that the backends arrange (a loop on the CPU, the threads of a CUDA block):
+// 1. every element: element_values from the decoded states (load_state), keeping the new weight
+//    p and states f0, f1, and the block's largest saturated_magnitude of each state;
+// 2. the block: if any element's scaled gradient is not finite, nothing of the block is written
+//    (weights, extra bits, codes, scale: the block is the unit of a skip); otherwise each state's
+//    scale is Code::block_scale of its largest magnitude;
+// 3. every element: store_quantized below.
+// The random words are update_element's (element_words): a state's code rounds with the same 16
+// bits its bfloat16 value would.
+template <class P, class S, int kStates>
+FW_HD void store_quantized(uint32_t counter, float p, float f0, float f1, float inv0, float inv1,
+                           typename P::storage& w, int32_t& e, uint32_t& c0, uint32_t& c1) {
+  const ElementWords r = element_words<P, S, kStates>(counter);
+  P::store(p, r.weight, w, e);
+  c0 = kStates > 0 ? S::Code0::encode(f0, inv0, r.state0) : 0u;
+  c1 = kStates > 1 ? S::Code1::encode(f1, inv1, r.state1) : 0u;
 }
 
 // ---- update-size control ---------------------------------------------------------------------
@@ -386,18 +443,14 @@ struct NormSums {
   float uu, ww, uw;
 };
 
-// The weight p0 and update u of one element as update_element would compute them, writing
-// nothing. An element skipped for a non-finite gradient has u = 0.
-template <class Rule, class P, class S, class M = Ieee>
+// The weight p0 and update u of one element as update_element would compute them from its
+// states' values f0, f1 (load_state), writing nothing. An element skipped for a non-finite
+// gradient has u = 0.
+template <class Rule, class P, class M = Ieee>
 FW_HD void element_delta(const typename Rule::Scalars& sc, typename P::storage w, int32_t e, typename P::storage g,
-                         float grad_scale, typename S::storage s0, typename S::storage s1, float& p0, float& u) {
-  const float gf = scaled_grad<P, M>(g, grad_scale);
-  const bool ok = is_finite(gf);
-  p0 = P::template load<M>(w, e);
-  float p = p0;
-  float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
-  float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
-  Rule::template apply<M>(sc, p, ok ? gf : 0.0f, f0, f1);
+                         float grad_scale, float f0, float f1, float& p0, float& u) {
+  float p;
+  const bool ok = element_values<Rule, P, M, Uncontrolled, false>(sc, w, e, g, grad_scale, p0, p, f0, f1, Uncontrolled{});
   u = ok ? Ieee::sub(p, p0) : 0.0f;
 }
 
