@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, _validation
-from ._states import EXTRA_DTYPE, extra_bits
+from ._states import EXTRA_DTYPE, SCALE_SUFFIX, extra_bits, state_bits, state_block
 SAVED_EXTRA_BITS = {dtype: bits for bits, dtype in EXTRA_DTYPE.items()}
 # The key of the loss-scale and clipping scalars in a state dict's first param group.
 SCALARS = "fusedwarm"
@@ -161,7 +161,9 @@ class Checkpointing:
                     raise ValueError(f"{label}: state 'step' is {step!r}; expected a number or a tensor")
                 tensors["step"] = torch.tensor(step)
             for k, value in tensors.items():
-                if k != "step" and value.shape != p.shape:
+                # Quantized states are flat codes and block scales (checked after conversion).
+                quantized = k.endswith(SCALE_SUFFIX) or k + SCALE_SUFFIX in tensors
+                if k != "step" and not quantized and value.shape != p.shape:
                     raise ValueError(f"{name}.load_state_dict: state '{k}' of parameter {key} has shape "
                                      f"{tuple(value.shape)} but the parameter has shape {tuple(p.shape)}")
             tensors, weight = self._convert_state(groups[gi], p, tensors)
@@ -196,11 +198,7 @@ class Checkpointing:
             out["step"] = torch.ones((), dtype=torch.int64, device=p.device)
         elif step is not None and step.dtype != torch.int64 and step.numel() == 1:
             out["step"] = step.to(torch.int64)
-        # A moment saved in a state dtype fusedwarm keeps, or in the parameter's dtype (torch.optim's
-        # states), becomes this optimizer's state dtype; any other dtype is left for check() to refuse.
-        for n, dtype in expected.items():
-            if n not in ("step", "extra") and n in out and out[n].dtype in (*_validation.STATE_DTYPES, p.dtype):
-                out[n] = out[n].to(dtype)
+        self._convert_moments(group, p, out)
         saved = out.get("extra")
         saved_bits = 0 if saved is None else SAVED_EXTRA_BITS.get(saved.dtype)
         bits = extra_bits(group, p)
@@ -213,6 +211,45 @@ class Checkpointing:
         if bits:
             out["extra"] = extra
         return out, weight
+
+    def _convert_moments(self, group: dict[str, Any], p: Tensor, out: dict[str, Tensor]) -> None:
+        """Converts ``p``'s loaded moment buffers in ``out`` to this optimizer's state dtype, in place.
+
+        A moment saved in a state dtype fusedwarm keeps, or in the parameter's dtype (torch.optim's
+        states), becomes this optimizer's: quantized states saved in the same format (bits and block)
+        are kept as they are (a resumed run continues bit for bit), others are decoded to float32 and,
+        for quantized states, encoded again rounding to nearest (quant.cuh). Anything else is left
+        for check() to refuse.
+        """
+        ops = None
+        bits = state_bits(group, p)
+        block = state_block(group, bits) if bits else 0
+        n = p.numel()
+        for index, name in enumerate(self._op_states):
+            value, scale = out.get(name), out.get(name + SCALE_SUFFIX)
+            if value is None:
+                continue
+            signed = index == 0  # the first state (m, momentum) has signed codes, AdamW's v unsigned
+            if value.dtype == torch.uint8 and scale is not None:
+                saved_bits = 8 if value.numel() == n else 4 if value.numel() == (n + 1) // 2 else None
+                saved_block = next((b for b in (2 ** i for i in range(5, 12)) if -(-n // b) == scale.numel()), None)
+                if saved_bits is None or saved_block is None:
+                    continue
+                if (saved_bits, saved_block) == (bits, block):
+                    continue
+                ops = ops or _ops.load()
+                value = ops.dequantize_states(value.contiguous(), scale.contiguous(), n, saved_bits, signed,
+                                              saved_block).view(p.shape)
+                del out[name + SCALE_SUFFIX]
+            elif value.dtype not in (*_validation.STATE_DTYPES, p.dtype):
+                continue
+            if bits:
+                ops = ops or _ops.load()
+                nearest = torch.full((n,), -2**31, dtype=torch.int32, device=value.device)
+                out[name], out[name + SCALE_SUFFIX] = ops.quantize_states(
+                    value.reshape(-1).to(torch.float32), nearest, bits, signed, block)
+            else:
+                out[name] = value.to(self._states.expected(group, p)[name])
 
     @torch.compiler.disable  # as load_state_dict
     @torch.no_grad()

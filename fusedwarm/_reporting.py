@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, _sharding
-from ._states import extra_bits
+from ._states import SCALE_SUFFIX, extra_bits
 
 
 def _nbytes(t: Tensor) -> int:
@@ -97,20 +97,21 @@ class Reporting:
         """The bytes of persistent training state this optimizer holds on this rank, by kind.
 
         Returns:
-            ``{"weights", "extra_bits", "states", "other", "total"}``: the parameters' own
-            storage, the extra bits of their float32 masters, the moment buffers (m, v, momentum),
-            and everything else (step counters, loss-scale and clipping scalars), summed over every
+            ``{"weights", "extra_bits", "states", "scales", "other", "total"}``: the parameters' own
+            storage, the extra bits of their float32 masters, the moment buffers (m, v, momentum;
+            the codes of quantized states), the block scales of quantized states, and everything else (step counters, loss-scale and clipping scalars), summed over every
             parameter; a sharded (FSDP2) parameter and its states count their local shards.
             Gradients are not persistent state and are not counted. Divide by the number of
             parameters for bytes per parameter (DESIGN.md's memory table).
         """
-        out = {"weights": 0, "extra_bits": 0, "states": 0, "other": 0}
+        out = {"weights": 0, "extra_bits": 0, "states": 0, "scales": 0, "other": 0}
         for group in self.param_groups:  # torch.optim admits a parameter in one group only
             for p in group["params"]:
                 out["weights"] += _nbytes(p)
                 for name, value in self.state.get(p, {}).items():
                     if isinstance(value, Tensor):
-                        kind = "extra_bits" if name == "extra" else "other" if name == "step" else "states"
+                        kind = ("extra_bits" if name == "extra" else "other" if name == "step"
+                                else "scales" if name.endswith(SCALE_SUFFIX) else "states")
                         out[kind] += _nbytes(value)
         out["other"] += sum(_nbytes(t) for t in self._scalars().values() if isinstance(t, Tensor))
         out["total"] = sum(out.values())
