@@ -160,7 +160,8 @@ def test_stochastic_rounding_is_unbiased(bits, signed, word_kind):
         words = (words << 16) & MASK32
     codes, scales = quant.quantize_block(values, words, bits, signed, block)
     assert bool((scales == 1).all())
-    got = quant.dequantize(codes, scales, values.numel(), bits, signed, block).double().reshape(SR_SAMPLES, block)[:, 1:]
+    got = quant.dequantize(codes, scales, values.numel(), bits, signed, block).double()
+    got = got.reshape(SR_SAMPLES, block)[:, 1:]
     mag = x.double().abs()
     lower = grid[torch.searchsorted(grid, mag, right=True) - 1]
     upper = grid[torch.searchsorted(grid, mag, right=False)]
@@ -169,6 +170,17 @@ def test_stochastic_rounding_is_unbiased(bits, signed, word_kind):
     spacing = upper - lower
     tol = SR_SIGMAS * spacing / (2 * math.sqrt(SR_SAMPLES)) + spacing * 2.0**-16
     assert bool(((got.mean(0) - x.double()).abs() <= tol).all())
+
+
+def test_int32_words_are_uint32_bit_patterns():
+    """Words may come as int32 holding uint32 bit patterns (as the fused ops take them)."""
+    seed_all("int32 words")
+    values, words = torch.randn(1000), random_words(1000)
+    as_int32 = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    for bits, signed in FORMATS:
+        a = quant.quantize_block(values, words, bits, signed, 64)
+        b = quant.quantize_block(values, as_int32, bits, signed, 64)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_deterministic_conversion_rounds_half_up():
@@ -406,13 +418,15 @@ def test_state_codes_use_the_word_after_the_weights(name, dtype, extra_bits, los
     big.grad = torch.randn(big.shape).to(dtype)
     opt.step()
     assert quant.weight_is_lossy(dtype, extra_bits) == lossy
-    words = quant.element_words(1234, 2, 1, big.numel(), 2)
-    for wrong, w in ((False, words[1 if lossy else 0]), (True, words[0 if lossy else 1])):
-        for i, (state_name, values) in enumerate(zip(STATES[name], first_step_states(name, big.grad.float().reshape(-1)))):
+    words = quant.element_words(1234, 2, 1, big.numel(), 2)  # tensor id 2, step 1
+    values = first_step_states(name, big.grad.float().reshape(-1))
+    for state_word, expected in ((int(lossy), True), (int(not lossy), False)):
+        w = words[state_word]
+        for i, state_name in enumerate(STATES[name]):
             r = w & 0xFFFF0000 if i == 0 else (w << 16) & MASK32
-            codes, scales = quant.quantize_block(values, r, 8, i == 0)
+            codes, scales = quant.quantize_block(values[i], r, 8, i == 0)
             assert torch.equal(opt.state[big][state_name + "_scale"], scales)
-            assert torch.equal(opt.state[big][state_name], codes) != wrong, state_name
+            assert torch.equal(opt.state[big][state_name], codes) == expected, (state_name, state_word)
 
 
 @pytest.mark.parametrize("state_dtype,block", [("int8", None), ("int4", None), ("int4", 64), ("int8", 2048)])

@@ -349,8 +349,9 @@ class Lion(_Reference):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *, maximize: bool = False,
                  extra_bits: int = 16, state_dtype: torch.dtype | str | None = None,
-                 state_block: int | None = None, seed: int | None = None, arithmetic: str = "ieee", warmup: str = "untuned", warmup_steps: int | None = None,
-                 warmup_start: float = 0.0, schedule: Any = None, update_control: str | None = None,
+                 state_block: int | None = None, seed: int | None = None, arithmetic: str = "ieee",
+                 warmup: str = "untuned", warmup_steps: int | None = None, warmup_start: float = 0.0,
+                 schedule: Any = None, update_control: str | None = None,
                  update_norm: float | None = None) -> None:
         _check_arithmetic(arithmetic)
         _check_update_control(update_control, update_norm, weight_decay)
