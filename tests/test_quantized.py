@@ -10,6 +10,7 @@ non-finite gradient, which keep everything. The emulated CUDA device must give t
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -310,3 +311,29 @@ def test_op_rejects_bad_block_and_codes():
         ops.quantize_states(torch.randn(10), torch.zeros(10, dtype=torch.int32), 8, True, 48)
     with pytest.raises(RuntimeError, match="need 5 uint8 codes"):
         ops.dequantize_states(torch.zeros(10, dtype=torch.uint8), torch.ones(1), 10, 4, True, 32)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "int4"])
+def test_backward_step_equals_step(state_dtype):
+    """Quantized states updated inside backward() (buckets mixing quantized and small tensors) = step()."""
+    seed_all("quantized-backward", state_dtype)
+    base = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.GELU(), torch.nn.Linear(80, 8)).bfloat16()
+    data = [(torch.randn(16, 96).bfloat16(), torch.randn(16, 8).bfloat16()) for _ in range(4)]
+    runs = []
+    for in_backward in (False, True):
+        model = copy.deepcopy(base)
+        opt = fusedwarm.AdamW(model.parameters(), lr=1e-2, extra_bits=8, state_dtype=state_dtype, seed=9,
+                              backward_step=in_backward, bucket_cap_mb=0.01)
+        for x, y in data:
+            loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((model, opt))
+    (a, oa), (b, ob) = runs
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+        for k, v in oa.state[p].items():
+            assert torch.equal(v, ob.state[q][k]), k
+    assert oa.state[a[0].weight]["exp_avg"].dtype == torch.uint8  # 7,680 elements: quantized
+    assert oa.state[a[0].bias]["exp_avg"].dtype == torch.bfloat16

@@ -25,7 +25,13 @@ master. Float32 weights are their own master and ignore ``extra_bits``.
 
 Optimizer states are kept in ``state_dtype`` (float32 or bfloat16; by default bfloat16 for
 half-precision weights and float32 for float32 weights); bfloat16 states are written with
-stochastic rounding so EMAs with ``beta2 = 0.999`` do not stall. Random bits come from
+stochastic rounding so EMAs with ``beta2 = 0.999`` do not stall. ``state_dtype="int8"`` or ``"int4"``
+keeps block-quantized states: codes of 8 or 4 bits per element and a float32 scale per block of
+``state_block`` elements (Dettmers et al. 2022, *8-bit Optimizers via Block-wise Quantization*),
+small-float codes (signed for the first moment, unsigned and zero-excluded for the second, after
+Li et al. 2023, *Memory Efficient Optimizers with 4-bit States*) written with stochastic rounding;
+the format is ``csrc/include/fusedwarm/quant.cuh``'s. Parameters with fewer than 4,096 elements keep
+the default state dtype. A block with a non-finite gradient is skipped as a whole. Random bits come from
 Philox4x32-10 keyed by ``(seed, step, tensor, element)``, so results never depend on thread
 layout and CPU and CUDA agree bit for bit.
 
