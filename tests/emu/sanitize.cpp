@@ -391,7 +391,8 @@ template <class Rule, class P, class S, class M>
 [[gnu::noinline]] void delta_of(const typename Rule::Scalars& sc, typename P::storage w, int32_t e,
                                 typename P::storage g, float grad_scale, typename S::storage s0, typename S::storage s1,
                                 float& p0, float& u) {
-  fw::element_delta<Rule, P, S, M>(sc, w, e, g, grad_scale, s0, s1, p0, u);
+  fw::element_delta<Rule, P, M>(sc, w, e, g, grad_scale, Rule::kStates > 0 ? S::load(s0) : 0.0f,
+                                Rule::kStates > 1 ? S::load(s1) : 0.0f, p0, u);
 }
 
 template <class Rule, class P, class S, class M>
