@@ -20,7 +20,7 @@ from helpers import seed_all
 # Stochastic rounding: |mean of N roundings - x| may be this many standard deviations of the mean
 # (spacing / (2 sqrt(N)) at most), plus the bias of 16-bit random words (2^-16 of the spacing).
 SR_SIGMAS = 5.0
-SR_SAMPLES = 2048
+SR_SAMPLES = 1024
 # Training: final loss of the quantized-state reference over the float32-state reference's.
 TRAIN_LOSS_RATIO = {"int8": 1.01, "int4": 1.05}
 
@@ -282,14 +282,14 @@ def test_4bit_nibbles_with_odd_element_count(signed):
     mags[torch.arange(4) * 128] = 2**mbits - 1
     signs = torch.randint(0, 2, (n,))
     values = (grid64(4, signed)[mags] * torch.where((signs == 1) & signed, -1.0, 1.0).double()).float()
-    codes, _ = quant.quantize_block(values, random_words(n), 4, signed, 128)
+    codes, scales = quant.quantize_block(values, random_words(n), 4, signed, 128)
     expected = codes_from_grid(mags, signs, 4, signed).tolist()
     assert codes.numel() == (n + 1) // 2
     for k in torch.randint(0, n, (64,)).tolist() + [n - 1]:
         byte = int(codes[k >> 1])
         assert (byte & 0xF if k % 2 == 0 else byte >> 4) == expected[k]
     assert int(codes[-1]) >> 4 == 0
-    assert quant.dequantize(codes, _, n, 4, signed, 128).numel() == n
+    assert torch.equal(quant.dequantize(codes, scales, n, 4, signed, 128), values)
 
 
 def test_invalid_formats_and_shapes_raise():
@@ -491,17 +491,17 @@ def test_nonfinite_gradient_leaves_its_whole_block_untouched(state_dtype):
 
 @pytest.mark.parametrize("state_dtype", ["int8", "int4"])
 def test_quantized_adamw_trains_close_to_float32_states(state_dtype):
-    """Noisy least squares with an 8192-element weight: the loss after training with quantized
+    """Noisy least squares with a 4096-element weight: the loss after training with quantized
     states is within TRAIN_LOSS_RATIO of training with float32 states, near the noise floor."""
     seed_all("train", state_dtype)
-    x = torch.randn(256, 128)
-    target = x @ torch.randn(128, 64) / math.sqrt(128) + 0.5 * torch.randn(256, 64)
-    init = torch.randn(128, 64) * 0.1
+    x = torch.randn(128, 64)
+    target = x @ torch.randn(64, 64) / math.sqrt(64) + 0.5 * torch.randn(128, 64)
+    init = torch.randn(64, 64) * 0.1
     losses = {}
     for states in (None, state_dtype):
         w = torch.nn.Parameter(init.clone())
         opt = reference.AdamW([w], lr=1e-2, weight_decay=0.0, warmup="none", state_dtype=states, seed=11)
-        for _ in range(100):
+        for _ in range(80):
             w.grad = torch.autograd.grad(((x @ w - target) ** 2).mean(), w)[0]
             opt.step()
         with torch.no_grad():
