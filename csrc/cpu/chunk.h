@@ -129,4 +129,104 @@ int64_t run_chunk(const typename Rule::Scalars sc, const uint32_t key, const flo
   return skipped;
 }
 
+// Quantized states (update.cuh, "quantized states"): one block of len <= fw::kMaxQuantBlock
+// elements from element `first` (a multiple of the block size, so a 4-bit block starts on a byte),
+// whose codes are s0/s1 and scales scale0[q]/scale1[q]. Returns the number of elements whose scaled
+// gradient is not finite; then nothing of the block was written. As run_chunk, everything arrives
+// by value and the arrays are __restrict, so that both element loops vectorize. `coefs.at(i)` is
+// element i's update-size coefficients: one value for the block (SameCoef), or per element
+// (CoefArray) for a block that spans two rows.
+template <class C>
+struct SameCoef {
+  C c;
+  FW_HD const C& at(int32_t) const { return c; }
+};
+struct CoefArray {
+  const fw::RowCoef* c;
+  FW_HD fw::RowCoef at(int32_t i) const { return c[i]; }
+};
+
+template <class Rule, class P, class S, class M, class CS>
+int32_t run_quantized_block(const typename Rule::Scalars sc, const uint32_t counter, const float grad_scale,
+                            const CS coefs, const int64_t first, const int32_t len, typename P::storage* __restrict w,
+                            const typename P::storage* __restrict g, typename P::extra_storage* __restrict ext,
+                            uint8_t* __restrict s0, uint8_t* __restrict s1, float* __restrict scale0,
+                            float* __restrict scale1) {
+  constexpr int kS = Rule::kStates;
+  constexpr bool kNibbles = S::kBits == 4;
+  float p[fw::kMaxQuantBlock], f0[fw::kMaxQuantBlock], f1[fw::kMaxQuantBlock];
+  uint8_t c0[fw::kMaxQuantBlock + 1], c1[fw::kMaxQuantBlock + 1];  // new codes
+  uint8_t d0[fw::kMaxQuantBlock + 1], d1[fw::kMaxQuantBlock + 1];  // old 4-bit codes, one per byte
+  typename P::storage* __restrict wb = w + first;
+  const typename P::storage* __restrict gb = g + first;
+  typename P::extra_storage* __restrict eb = P::K > 0 ? ext + first : ext;
+  uint8_t* __restrict q0 = kS > 0 ? s0 + (kNibbles ? first / 2 : first) : s0;
+  uint8_t* __restrict q1 = kS > 1 ? s1 + (kNibbles ? first / 2 : first) : s1;
+  const float old0 = kS > 0 ? *scale0 : 0.0f;
+  const float old1 = kS > 1 ? *scale1 : 0.0f;
+  // The codes one per byte (4-bit codes unpacked first, so that the element loop reads them in order).
+  const uint8_t* __restrict u0 = q0;
+  const uint8_t* __restrict u1 = q1;
+  if (kNibbles) {
+    const int32_t bytes = (len + 1) / 2;
+#pragma omp simd
+    for (int32_t j = 0; j < bytes; ++j) {
+      if (kS > 0) {
+        d0[2 * j] = q0[j] & 0xFu;
+        d0[2 * j + 1] = q0[j] >> 4;
+      }
+      if (kS > 1) {
+        d1[2 * j] = q1[j] & 0xFu;
+        d1[2 * j + 1] = q1[j] >> 4;
+      }
+    }
+    u0 = d0;
+    u1 = d1;
+  }
+  uint32_t largest0 = 0, largest1 = 0;
+  int32_t bad = 0;
+#pragma omp simd reduction(max : largest0, largest1) reduction(+ : bad)
+  for (int32_t i = 0; i < len; ++i) {
+    float a = kS > 0 ? S::Code0::decode(u0[i], old0) : 0.0f;
+    float v = kS > 1 ? S::Code1::decode(u1[i], old1) : 0.0f;
+    float p0, pn;
+    const bool ok = fw::element_values<Rule, P, M, decltype(coefs.at(i)), false>(
+        sc, wb[i], P::K > 0 ? static_cast<int32_t>(eb[i]) : 0, gb[i], grad_scale, p0, pn, a, v, coefs.at(i));
+    p[i] = pn;
+    f0[i] = a;
+    f1[i] = v;
+    const uint32_t m0 = fw::saturated_magnitude(a), m1 = fw::saturated_magnitude(v);
+    largest0 = m0 > largest0 ? m0 : largest0;
+    largest1 = m1 > largest1 ? m1 : largest1;
+    bad += ok ? 0 : 1;
+  }
+  if (bad != 0) return bad;
+  const float inv0 = S::Code0::block_inverse(largest0), inv1 = S::Code1::block_inverse(largest1);
+  if (kS > 0) *scale0 = S::Code0::block_scale(largest0);
+  if (kS > 1) *scale1 = S::Code1::block_scale(largest1);
+#pragma omp simd
+  for (int32_t i = 0; i < len; ++i) {
+    int32_t e = P::K > 0 ? static_cast<int32_t>(eb[i]) : 0;
+    uint32_t a, v;
+    fw::store_quantized<P, S, kS>(counter + static_cast<uint32_t>(i), p[i], f0[i], f1[i], inv0, inv1, wb[i], e, a, v);
+    if (P::K > 0) eb[i] = static_cast<typename P::extra_storage>(e);
+    c0[i] = static_cast<uint8_t>(a);
+    c1[i] = static_cast<uint8_t>(v);
+  }
+  if (!kNibbles) {
+    if (kS > 0) std::copy_n(c0, len, q0);
+    if (kS > 1) std::copy_n(c1, len, q1);
+  } else {
+    c0[len] = 0;  // the high nibble of an odd-length block's last byte
+    c1[len] = 0;
+    const int32_t bytes = (len + 1) / 2;
+#pragma omp simd
+    for (int32_t j = 0; j < bytes; ++j) {
+      if (kS > 0) q0[j] = static_cast<uint8_t>(c0[2 * j] | (c0[2 * j + 1] << 4));
+      if (kS > 1) q1[j] = static_cast<uint8_t>(c1[2 * j] | (c1[2 * j + 1] << 4));
+    }
+  }
+  return 0;
+}
+
 }  // namespace fusedwarm

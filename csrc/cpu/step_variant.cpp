@@ -167,17 +167,13 @@ void run_typed(const CpuStepCall& call) {
 }
 
 // Quantized states (quant.cuh; update.cuh, "quantized states"): one parallel loop over the
-// concatenated blocks of B = 2^block_shift elements of all tensors; each block's elements are
-// computed into local arrays (one vectorizable pass that also takes the states' largest
-// magnitudes), then, if every scaled gradient of the block is finite, written back with the new
-// block scales. Quantized states are never sharded (element_offset 0), and B divides the random
-// stream's blocks, so one key serves a whole block.
+// concatenated blocks of B = 2^block_shift elements of all tensors, each block updated by
+// run_quantized_block (cpu/chunk.h). Quantized states are never sharded (element_offset 0), and B
+// divides the random stream's blocks, so one key serves a whole block.
 template <class Rule, class P, class S, class M>
 void run_quantized(const CpuStepCall& call) {
   constexpr int kS = Rule::kStates;
-  using PS = typename P::storage;
   const uint64_t seed = call.seed;
-  const bool control = call.control.mode != fw::kControlNone;
   std::vector<TensorWork<Rule, P, S>> work;
   std::vector<int64_t> numel;
   std::vector<int64_t> start{0};  // work[j] holds blocks [start[j], start[j + 1]) of the concatenation
@@ -191,67 +187,32 @@ void run_quantized(const CpuStepCall& call) {
   std::vector<std::atomic<int64_t>> skipped(work.size());
   const int64_t grain = std::max<int64_t>(1, kGrain >> work[0].block_shift);
   parallel_for(call, 0, start.back(), grain, [&](int64_t begin, int64_t end) {
-    float p[fw::kMaxQuantBlock], f0[fw::kMaxQuantBlock], f1[fw::kMaxQuantBlock];
-    uint8_t c0[fw::kMaxQuantBlock + 1], c1[fw::kMaxQuantBlock + 1];
+    fw::RowCoef row_coefs[fw::kMaxQuantBlock];
     size_t j = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
     for (int64_t b = begin; b < end; ++b) {
       while (b >= start[j + 1]) ++j;
       const TensorWork<Rule, P, S>& t = work[j];
-      const int64_t first = (b - start[j]) << t.block_shift;
+      const int64_t q = b - start[j];
+      const int64_t first = q << t.block_shift;
       const int32_t len = static_cast<int32_t>(std::min<int64_t>(int64_t{1} << t.block_shift, numel[j] - first));
-      const int64_t q = first >> t.block_shift;
-      PS* __restrict w = t.w + first;
-      const PS* __restrict g = t.g + first;
-      const float scale0 = kS > 0 ? t.scale0[q] : 0.0f;
-      const float scale1 = kS > 1 ? t.scale1[q] : 0.0f;
-      uint32_t largest0 = 0, largest1 = 0;
-      int32_t bad = 0;
-#pragma omp simd reduction(max : largest0, largest1) reduction(+ : bad)
-      for (int32_t i = 0; i < len; ++i) {
-        const int64_t k = first + i;
-        const fw::RowCoef c = control ? t.coefs[k / t.row_size] : fw::RowCoef{1.0f, 1.0f};
-        float a = kS > 0 ? S::Code0::decode(S::code_at(t.s0, k), scale0) : 0.0f;
-        float v = kS > 1 ? S::Code1::decode(S::code_at(t.s1, k), scale1) : 0.0f;
-        float p0;
-        const bool ok = fw::element_values<Rule, P, M, fw::RowCoef, false>(
-            t.sc, w[i], P::K > 0 ? static_cast<int32_t>(t.ext[k]) : 0, g[i], t.grad_scale, p0, p[i], a, v, c);
-        f0[i] = a;
-        f1[i] = v;
-        const uint32_t m0 = fw::saturated_magnitude(a), m1 = fw::saturated_magnitude(v);
-        largest0 = m0 > largest0 ? m0 : largest0;
-        largest1 = m1 > largest1 ? m1 : largest1;
-        bad += ok ? 0 : 1;
-      }
-      if (bad != 0) {  // the block is the unit of a skip: nothing of it is written
-        skipped[j].fetch_add(bad, std::memory_order_relaxed);
-        continue;
-      }
-      const float inv0 = S::Code0::block_inverse(largest0), inv1 = S::Code1::block_inverse(largest1);
-      if (kS > 0) t.scale0[q] = S::Code0::block_scale(largest0);
-      if (kS > 1) t.scale1[q] = S::Code1::block_scale(largest1);
       const uint32_t key = fw::stream_key(seed, t.tensor_id, t.step, fw::random_block(static_cast<uint64_t>(first)));
       const uint32_t counter = fw::element_counter(key, static_cast<uint64_t>(first));
-#pragma omp simd
-      for (int32_t i = 0; i < len; ++i) {
-        int32_t e = P::K > 0 ? static_cast<int32_t>(t.ext[first + i]) : 0;
-        uint32_t a, v;
-        fw::store_quantized<P, S, kS>(counter + static_cast<uint32_t>(i), p[i], f0[i], f1[i], inv0, inv1, w[i], e, a,
-                                      v);
-        if (P::K > 0) t.ext[first + i] = static_cast<typename P::extra_storage>(e);
-        c0[i] = static_cast<uint8_t>(a);
-        c1[i] = static_cast<uint8_t>(v);
-      }
-      if (S::kBits == 8) {
-        if (kS > 0) std::copy_n(c0, len, t.s0 + first);
-        if (kS > 1) std::copy_n(c1, len, t.s1 + first);
+      const int64_t row = first / t.row_size;
+      int32_t bad;
+      auto run = [&](auto coefs) {
+        return run_quantized_block<Rule, P, S, M>(t.sc, counter, t.grad_scale, coefs, first, len, t.w, t.g, t.ext,
+                                                  t.s0, t.s1, kS > 0 ? t.scale0 + q : nullptr,
+                                                  kS > 1 ? t.scale1 + q : nullptr);
+      };
+      if ((first + len - 1) / t.row_size != row) {  // a block across rows: coefficients per element
+        for (int32_t i = 0; i < len; ++i) row_coefs[i] = t.coefs[(first + i) / t.row_size];
+        bad = run(CoefArray{row_coefs});
+      } else if (t.coefs[row].unit()) {
+        bad = run(SameCoef<fw::Uncontrolled>{});
       } else {
-        c0[len] = 0;  // the high nibble of an odd-length block's last byte
-        c1[len] = 0;
-        for (int32_t i = 0; i < len; i += 2) {
-          if (kS > 0) t.s0[(first + i) >> 1] = static_cast<uint8_t>(c0[i] | (c0[i + 1] << 4));
-          if (kS > 1) t.s1[(first + i) >> 1] = static_cast<uint8_t>(c1[i] | (c1[i + 1] << 4));
-        }
+        bad = run(SameCoef<fw::Blended>{fw::Blended{t.coefs[row].alpha, t.coefs[row].beta}});
       }
+      if (bad != 0) skipped[j].fetch_add(bad, std::memory_order_relaxed);  // the block was not written
     }
   });
   for (size_t j = 0; j < work.size(); ++j) {
