@@ -70,6 +70,43 @@ def simd_loops(lines: list[str]) -> list[range]:
 
 
 SIMD_LOOPS = simd_loops((CSRC / "cpu" / "chunk.h").read_text().splitlines())
+# run_chunk's loops, then run_quantized_block's: 4-bit unpack, block values, block store, 4-bit pack.
+CHUNK_LOOPS, QUANT_LOOPS = SIMD_LOOPS[:2], SIMD_LOOPS[2:]
+
+QUANT_PROBE = """#include "cpu/chunk.h"
+using R = fw::{rule};
+using P = {param};
+using S = fw::StateQuant<{bits}>;
+using CS = fusedwarm::SameCoef<fw::{coef}>;
+template int32_t fusedwarm::run_quantized_block<R, P, S, fw::Ieee, CS>(R::Scalars, uint32_t, float, CS, int64_t,
+                                                                     int32_t, P::storage*, const P::storage*,
+                                                                     P::extra_storage*, uint8_t*, uint8_t*, float*,
+                                                                     float*);
+"""
+QUANT_CASES = [("AdamW", "fw::ParamHalf<fw::BF16Format, 16>", 8), ("AdamW", "fw::ParamHalf<fw::BF16Format, 8>", 4),
+               ("AdamW", "fw::ParamHalf<fw::BF16Format, 0>", 8), ("Lion", "fw::ParamHalf<fw::BF16Format, 16>", 8),
+               ("SGDMomentum", "fw::ParamF32", 4)]
+
+
+def _compile_probe(tmp_path, source: str) -> list[str]:
+    probe = tmp_path / "probe.cpp"
+    probe.write_text(source)
+    result = subprocess.run(
+        [CXX, "-std=c++17", *VARIANT_FLAGS, f"-I{CSRC / 'include'}", f"-I{CSRC}", "-fopt-info-vec-all", "-c",
+         str(probe), "-o", str(tmp_path / "probe.o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stderr.splitlines()
+
+
+def _check_loops(report: list[str], loops: list[range], names: tuple[str, ...], what: str) -> None:
+    for lines, name in zip(loops, names):
+        loop = [line for line in report if (m := re.search(r"chunk\.h:(\d+):", line)) and int(m.group(1)) in lines]
+        assert any("loop vectorized" in line for line in loop), \
+            f"the {name} of {what} is not vectorized:\n" + "\n".join(loop)
+        scalar = [line for line in loop if "couldn't vectorize loop" in line or "not vectorized" in line]
+        assert not scalar, f"a copy of the {name} of {what} stays scalar:\n" + "\n".join(scalar)
 
 
 @pytest.mark.skipif(CXX is None or platform.machine() != "x86_64", reason="checks GCC's vectorizer on x86-64")
@@ -78,20 +115,19 @@ SIMD_LOOPS = simd_loops((CSRC / "cpu" / "chunk.h").read_text().splitlines())
                          ids=[f"{r}-{p.split('::')[-1]}-{s[4:]}" + ("-pam" if a == "fw::Pam" else "")
                               for r, p, s, a in ALL_CASES])
 def test_element_loop_vectorizes(tmp_path, rule, param, state, arith, coef):
-    probe = tmp_path / "probe.cpp"
-    probe.write_text(PROBE.format(rule=rule, param=param, state=state, arith=arith, coef=coef))
-    result = subprocess.run(
-        [CXX, "-std=c++17", *VARIANT_FLAGS, f"-I{CSRC / 'include'}", f"-I{CSRC}", "-fopt-info-vec-all", "-c",
-         str(probe), "-o", str(tmp_path / "probe.o")],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert len(SIMD_LOOPS) == 2, SIMD_LOOPS
-    what = f"run_chunk<{rule}, {param}, {state}, {arith}, {coef}>"
-    for lines, name in zip(SIMD_LOOPS, ("gradient scan", "element loop")):
-        loop = [line for line in result.stderr.splitlines()
-                if (m := re.search(r"chunk\.h:(\d+):", line)) and int(m.group(1)) in lines]
-        assert any("loop vectorized" in line for line in loop), \
-            f"the {name} of {what} is not vectorized:\n" + "\n".join(loop)
-        scalar = [line for line in loop if "couldn't vectorize loop" in line or "not vectorized" in line]
-        assert not scalar, f"a copy of the {name} of {what} stays scalar:\n" + "\n".join(scalar)
+    report = _compile_probe(tmp_path, PROBE.format(rule=rule, param=param, state=state, arith=arith, coef=coef))
+    assert len(CHUNK_LOOPS) == 2, CHUNK_LOOPS
+    _check_loops(report, CHUNK_LOOPS, ("gradient scan", "element loop"),
+                 f"run_chunk<{rule}, {param}, {state}, {arith}, {coef}>")
+
+
+@pytest.mark.skipif(CXX is None or platform.machine() != "x86_64", reason="checks GCC's vectorizer on x86-64")
+@pytest.mark.parametrize("coef", COEFS, ids=[c.split("::")[-1] for c in COEFS])
+@pytest.mark.parametrize("rule,param,bits", QUANT_CASES,
+                         ids=[f"{r}-{p.split('::')[-1]}-q{b}" for r, p, b in QUANT_CASES])
+def test_quantized_block_loops_vectorize(tmp_path, rule, param, bits, coef):
+    """Both element loops of a quantized block (values and maxima; encode and store)."""
+    report = _compile_probe(tmp_path, QUANT_PROBE.format(rule=rule, param=param, bits=bits, coef=coef.split("::")[-1]))
+    assert len(QUANT_LOOPS) == 4, QUANT_LOOPS
+    _check_loops(report, QUANT_LOOPS[1:3], ("value loop", "store loop"),
+                 f"run_quantized_block<{rule}, {param}, q{bits}, {coef}>")
