@@ -1,5 +1,5 @@
-"""Train a small byte-level language model twice: torch.optim.AdamW on float32 weights, then
-fusedwarm.AdamW on bfloat16 weights.
+"""Train a small byte-level language model three times: torch.optim.AdamW on float32 weights, then
+fusedwarm.AdamW on bfloat16 weights, exact and with 8-bit states.
 
 Run it with ``python -m fusedwarm.demo`` (``--help`` for options). The text is the source code of
 a few Python standard-library modules, so nothing is downloaded. Both runs start from the same
@@ -10,8 +10,9 @@ The fusedwarm run keeps no float32 copy of the weights: each bfloat16 weight car
 bits in an int16 tensor, which together *are* the float32 master weight (Lewandowski & Kosson
 2023, arXiv 2309.12381), and the Adam moments are bfloat16 with stochastic rounding. It should
 reach about the same loss while holding 8 bytes per parameter (weights + optimizer state)
-instead of 12. It is a demonstration, not a benchmark: the README's numbers come from
-``benchmarks/``.
+instead of 12. The third run keeps 8 extra bits and block-quantized 8-bit moments
+(``state_dtype="int8"``): about 5 bytes per parameter. It is a demonstration, not a benchmark: the
+README's numbers come from ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -73,10 +74,15 @@ def batches(data: torch.Tensor, steps: int, batch: int, length: int, seed: int) 
 
 
 def state_bytes_per_param(model: nn.Module, opt: torch.optim.Optimizer) -> float:
-    """(weights + every optimizer state tensor) bytes / number of parameters, from the real tensors."""
+    """(weights + every optimizer state tensor) bytes / number of parameters, from the real tensors
+    (a fusedwarm optimizer's own count, ``opt.state_bytes()``, which also holds its loss-scale and
+    clipping scalars)."""
     params = list(model.parameters())
-    total = sum(p.nbytes for p in params)
-    total += sum(t.nbytes for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    if isinstance(opt, fusedwarm.FusedOptimizer):
+        total = opt.state_bytes()["total"]
+    else:
+        total = sum(p.nbytes for p in params)
+        total += sum(t.nbytes for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     return total / sum(p.numel() for p in params)
 
 
@@ -147,14 +153,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  extension ready after {time.perf_counter() - t0:.1f} s", flush=True)
     results["fusedwarm.AdamW, bf16 weights"] = train("fusedwarm bf16", model, opt, data, log_every=20)
 
+    print("\n3) fusedwarm.AdamW, bfloat16 weights + 8 extra bits, 8-bit block-quantized states")
+    model = fresh(torch.bfloat16)
+    opt = fusedwarm.AdamW(model.parameters(), **hyper, extra_bits=8, state_dtype="int8", seed=args.seed, warmup="none")
+    results["fusedwarm.AdamW, bf16 + int8 states"] = train("fusedwarm int8", model, opt, data, log_every=20)
+
     tail = min(20, args.steps)
-    head = f"{'optimizer':<34}{f'final loss (last {tail})':>24}{'bytes/param':>13}{'ms/step':>9}{'ms in step()':>14}"
+    head = f"{'optimizer':<38}{f'final loss (last {tail})':>24}{'bytes/param':>13}{'ms/step':>9}{'ms in step()':>14}"
     print(f"\n{head}\n{'-' * len(head)}")
     for name, r in results.items():
-        print(f"{name:<34}{statistics.fmean(r['losses'][-tail:]):>24.4f}{r['bytes']:>13.2f}{r['step_ms']:>9.1f}"
+        print(f"{name:<38}{statistics.fmean(r['losses'][-tail:]):>24.4f}{r['bytes']:>13.2f}{r['step_ms']:>9.1f}"
               f"{r['opt_ms']:>14.2f}")
     print("\nloss: mean cross-entropy (nats/byte) of the last steps' batches. bytes/param: weights + optimizer")
-    print("states (moments, extra bits, step counters) over the parameter count, gradients not included.")
+    print("states (moments, extra bits, block scales, step counters) over the parameter count, gradients not")
+    print("included.")
     print("ms/step: median of forward + backward + optimizer step; ms in step(): median of optimizer.step().")
 
 
