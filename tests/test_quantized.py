@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import fusedwarm
-from fusedwarm import emulator
 from fusedwarm.reference import quant as rq
 from helpers import seed_all
 
@@ -143,18 +142,17 @@ def test_step_matches_reference_encoding(rule, state_dtype, extra_bits):
                 assert torch.equal(q.state[a][name + "_scale"].view(torch.int32), scales.view(torch.int32)), (name, step)
 
 
-def _run(state_dtype, rule, device, steps=4, **options):
+def _run(state_dtype, rule, device, context, steps=4, **options):
     params, opt = _make(state_dtype, rule, torch.bfloat16, 8, **options)
-    seed_all("quantized-emu", rule, state_dtype)
-    for step in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape).bfloat16()
-        if step == 2:
-            params[0].grad.view(-1)[100] = float("nan")
-        if device == "emu":
-            with emulator.device(sms=2, blocks_per_sm=1, order="shuffle"):
-                opt.step()
-        else:
+    params = [torch.nn.Parameter(p.detach().to(device, copy=True)) for p in params]
+    opt = type(opt)(params, **{k: v for k, v in opt.defaults.items()})
+    seed_all("quantized-device", rule, state_dtype)
+    with context:
+        for step in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape).bfloat16().to(device)
+            if step == 2:
+                params[0].grad.view(-1)[100] = float("nan")
             opt.step()
     return params, opt
 
@@ -167,14 +165,18 @@ def _run(state_dtype, rule, device, steps=4, **options):
     dict(state_dtype="int8", rule="AdamW", update_control="row", update_norm=0.01),
     dict(state_dtype="int4", rule="AdamW", arithmetic="pam"),
 ], ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_emulated_cuda_matches_cpu(case):
-    """The CUDA kernels (block-cooperative tiles, shared-memory maxima) on the emulated device = CPU, bit for bit."""
-    a, oa = _run(device="cpu", **case)
-    b, ob = _run(device="emu", **case)
+def test_cuda_matches_cpu(gpu, case):
+    """The CUDA kernels (block-cooperative tiles, shared-memory maxima) = the CPU backend, bit for bit
+    (on the emulated device: several resident blocks, threads in shuffled order)."""
+    (cpu, cpu_context), (dev, dev_context) = gpu.sides(sms=2, blocks_per_sm=1, order="shuffle")
+    a, oa = _run(device=cpu, context=cpu_context, **case)
+    launches = gpu.launches()
+    b, ob = _run(device=dev, context=dev_context, **case)
+    assert launches is None or gpu.launches() > launches  # the emulated device ran the steps
     for p, r in zip(a, b):
-        assert torch.equal(p.view(torch.int16), r.view(torch.int16))
+        assert torch.equal(p.view(torch.int16), r.cpu().view(torch.int16))
         for k, v in oa.state[p].items():
-            w = ob.state[r][k]
+            w = ob.state[r][k].cpu()
             assert torch.equal(v.view(torch.uint8) if v.dim() else v, w.view(torch.uint8) if w.dim() else w), k
 
 
