@@ -189,15 +189,12 @@ int32_t run_quantized_block(const typename Rule::Scalars sc, const uint32_t coun
   for (int32_t i = 0; i < len; ++i) {
     float a = kS > 0 ? S::Code0::decode(u0[i], old0) : 0.0f;
     float v = kS > 1 ? S::Code1::decode(u1[i], old1) : 0.0f;
-    float p0, pn;
-    const bool ok = fw::element_values<Rule, P, M, decltype(coefs.at(i)), false>(
-        sc, wb[i], P::K > 0 ? static_cast<int32_t>(eb[i]) : 0, gb[i], grad_scale, p0, pn, a, v, coefs.at(i));
+    float pn;
+    const bool ok = fw::quantized_values<Rule, P, M>(sc, wb[i], P::K > 0 ? static_cast<int32_t>(eb[i]) : 0, gb[i],
+                                                     grad_scale, coefs.at(i), pn, a, v, largest0, largest1);
     p[i] = pn;
     f0[i] = a;
     f1[i] = v;
-    const uint32_t m0 = fw::saturated_magnitude(a), m1 = fw::saturated_magnitude(v);
-    largest0 = m0 > largest0 ? m0 : largest0;
-    largest1 = m1 > largest1 ? m1 : largest1;
     bad += ok ? 0 : 1;
   }
   if (bad != 0) return bad;

@@ -183,14 +183,10 @@ struct SlotUpdate {
       if (k < numel) {
         float a = kStates > 0 ? fw::load_state<S, 0>(state0, scale0, block_shift, k) : 0.0f;
         float v = kStates > 1 ? fw::load_state<S, 1>(state1, scale1, block_shift, k) : 0.0f;
-        float p0;
-        const bool ok = fw::element_values<Rule, P, M, fw::RowCoef, false>(
-            scalars, param[k], kExtra ? static_cast<int32_t>(extra[k]) : 0, grad[k], grad_scale, p0, p[i], a, v, coef(k));
+        const bool ok = fw::quantized_values<Rule, P, M>(scalars, param[k], kExtra ? static_cast<int32_t>(extra[k]) : 0,
+                                                         grad[k], grad_scale, coef(k), p[i], a, v, m0, m1);
         f0[i] = a;
         f1[i] = v;
-        const uint32_t a_mag = fw::saturated_magnitude(a), v_mag = fw::saturated_magnitude(v);
-        m0 = a_mag > m0 ? a_mag : m0;
-        m1 = v_mag > m1 ? v_mag : m1;
         bad += ok ? 0 : 1;
       }
     }

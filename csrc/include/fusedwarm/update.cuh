@@ -390,7 +390,7 @@ FW_HD float load_state(const typename S::storage* s, const float* scales, int bl
 
 // With quantized states a step updates a block of the states' B elements at once, in three parts
 // that the backends arrange (a loop on the CPU, the threads of a CUDA block):
-// 1. every element: element_values from the decoded states (load_state), keeping the new weight
+// 1. every element: quantized_values from the decoded states (load_state), keeping the new weight
 //    p and states f0, f1, and the block's largest saturated_magnitude of each state;
 // 2. the block: if any element's scaled gradient is not finite, nothing of the block is written
 //    (weights, extra bits, codes, scale: the block is the unit of a skip); otherwise each state's
@@ -398,6 +398,22 @@ FW_HD float load_state(const typename S::storage* s, const float* scales, int bl
 // 3. every element: store_quantized below.
 // The random words are update_element's (element_words): a state's code rounds with the same 16
 // bits its bfloat16 value would.
+// Part 1 for one element: element_values from the decoded states f0, f1 (replaced by the new ones),
+// the new weight in p, and the block's largest magnitudes so far raised to the new states'.
+template <class Rule, class P, class M, class C>
+FW_HD bool quantized_values(const typename Rule::Scalars& sc, typename P::storage w, int32_t e, typename P::storage g,
+                            float grad_scale, const C& coef, float& p, float& f0, float& f1, uint32_t& largest0,
+                            uint32_t& largest1) {
+  float p0;
+  const bool ok = element_values<Rule, P, M, C, false>(sc, w, e, g, grad_scale, p0, p, f0, f1, coef);
+  const uint32_t m0 = saturated_magnitude(f0), m1 = saturated_magnitude(f1);
+  largest0 = m0 > largest0 ? m0 : largest0;
+  largest1 = m1 > largest1 ? m1 : largest1;
+  return ok;
+}
+
+// Part 3 for one element: its weight and extra bits, and its codes c0, c1 with the block's inverse
+// scales (Code::block_inverse).
 template <class P, class S, int kStates>
 FW_HD void store_quantized(uint32_t counter, float p, float f0, float f1, float inv0, float inv1,
                            typename P::storage& w, int32_t& e, uint32_t& c0, uint32_t& c1) {
