@@ -1,6 +1,6 @@
 """Writes the committed benchmark results into README.md: the markdown tables that the benchmark
 scripts write next to their JSON (``MARKDOWN_BLOCKS``: step benchmark and its repeated runs, training
-benchmark, training loop, warmup experiment, PAM experiment, lagged clipping, FSDP2 memory per rank, JIT
+benchmark, training and step time with block-quantized states, training loop, warmup experiment, PAM experiment, lagged clipping, FSDP2 memory per rank, JIT
 build times) go
 between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``, so the README's numbers always come from a result
 file. Without ``--update-readme`` it prints them."""
@@ -17,6 +17,8 @@ MARKDOWN_BLOCKS = {
     "step-results": RESULTS / "step_cpu.md",
     "step-runs-results": RESULTS / "step_cpu_runs_default.md",
     "train-results": RESULTS / "train_cpu.md",
+    "train-quantized-results": RESULTS / "train_cpu_quantized.md",
+    "step-quantized-results": RESULTS / "step_cpu_quantized.md",
     "train-loop-results": RESULTS / "train_loop_cpu.md",
     "warmup-experiment-results": RESULTS / "warmup_experiment.md",
     "pam-experiment-results": RESULTS / "pam_experiment.md",

@@ -182,6 +182,7 @@ PEER_ADAMW = {
     "torchao bf16 sr": Peer("torchao.optim", "torchao.optim._AdamW(bf16_stochastic_round=True)",
                             lambda m, ps, h: m._AdamW(ps, **h, bf16_stochastic_round=True)),
     "torchao 8bit": Peer("torchao.optim", "torchao.optim.AdamW8bit", lambda m, ps, h: m.AdamW8bit(ps, **h)),
+    "torchao 4bit": Peer("torchao.optim", "torchao.optim.AdamW4bit", lambda m, ps, h: m.AdamW4bit(ps, **h)),
     "bnb 8bit": Peer("bitsandbytes.optim", "bitsandbytes.optim.AdamW8bit", lambda m, ps, h: m.AdamW8bit(ps, **h)),
 }
 # This benchmark's peer modes, all on bfloat16 weights: mode name -> PEER_ADAMW entry.
@@ -206,7 +207,9 @@ def modes() -> tuple[list[Mode], dict[str, str]]:
     out.append(Mode("fusedwarm fp32", "fusedwarm", torch.float32,
                     lambda ps: fusedwarm.AdamW(ps, **HYPER, seed=0, warmup="none")))
     for k in (16, 8, 0):
-        for sdt, short in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        # bf16 or fp32 states, or block-quantized ones (int8: 1 byte per moment + a float32 scale per
+        # 256 elements, int4: half a byte + a scale per 128), next to each other per extra-bit count.
+        for sdt, short in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"), ("int8", "int8"), ("int4", "int4")):
             out.append(Mode(f"fusedwarm bf16 x{k} {short}", "fusedwarm", torch.bfloat16,
                             lambda ps, k=k, sdt=sdt: fusedwarm.AdamW(ps, **HYPER, extra_bits=k, state_dtype=sdt,
                                                                      seed=0, warmup="none")))
@@ -345,6 +348,25 @@ def thp_mode() -> str | None:
         return None
     m = re.search(r"\[(\w+)\]", text)
     return m.group(1) if m else None
+
+
+SHARED_CORES = 0.25  # other processes busy on this many cores on average: the table says the machine was shared
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine have spent so far (Linux ``/proc/stat``: user, nice,
+    system, irq, softirq), None where unknown."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_busy_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def environment(device: torch.device) -> dict:
@@ -515,12 +537,21 @@ def markdown(result: dict, path: Path) -> str:
             else:
                 moved = r["bytes_moved_per_param"]
                 cells.append(f"{r['median_ms']:.2f} ({100 * r['fraction_of_copy']:.0f}%)")
-        lines.append(f"| {name} | {'' if moved is None else f'{moved:.0f}'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {'' if moved is None else f'{round(moved, 2):g}'} | " + " | ".join(cells) + " |")
     failed = {r["name"]: r["error"] for s in sizes for r in s["rows"] if r["error"]}
     notes = [f"{name}: {err}" for name, err in failed.items()]
     notes += [f"{name}: not run ({why})" for name, why in result["peers_missing"].items()]
     if notes:
         lines += ["", "Not measured: " + "; ".join(notes) + "."]
+    before, after, others = env.get("load_average"), env.get("load_average_after"), env.get("other_processes_cores")
+    if before and after:
+        line = (f"Load average (1 min) before / after the run: {before[0]:.2f} / {after[0]:.2f} on "
+                f"{env['usable_cpus']} cores (after: this run's own threads included)")
+        if others is not None:
+            line += f"; other processes kept {others:.2f} cores busy on average during the run"
+            if others >= SHARED_CORES:
+                line += ": the machine was shared, so these times are slower and noisier than on an idle one"
+        lines += ["", line + "."]
     lines.append("")
     for s in sizes:
         h2h, bw = s["head_to_head"], s["bandwidth"]
@@ -658,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     all_modes, peers_missing = modes()
     selected = [m for m in all_modes if args.only is None or re.search(args.only, m.name)]
+    peers_missing = {name: why for name, why in peers_missing.items() if args.only is None or re.search(args.only, name)}
     progress = sys.stderr.isatty()
 
     copy_bytes = (1 << 30) if device.type == "cuda" else 256 << 20
@@ -672,7 +704,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in peers_missing.items():
         print(f"not run: {name} ({why})")
 
+    machine0, own0, wall0 = machine_busy_seconds(), own_busy_seconds(), time.perf_counter()
     sizes = [run_size(count, all_modes, selected, device, args, copy_bps, progress) for count in args.sizes]
+    machine1, own1, wall1 = machine_busy_seconds(), own_busy_seconds(), time.perf_counter()
+    env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    # Cores that other processes kept busy while the optimizers were timed: the machine's CPU time
+    # less this process's, over the wall time.
+    env["other_processes_cores"] = (None if machine0 is None or machine1 is None else
+                                    max(0.0, (machine1 - machine0) - (own1 - own0)) / (wall1 - wall0))
 
     out = args.out or RESULTS / f"step_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
