@@ -2,6 +2,7 @@
 // schemas (with mutation annotations) and the argument checks and packing of the step ops. The
 // main library registers them as namespace fusedwarm; the emulated CUDA device (csrc/emu) as
 // fusedwarm_emu, so both see the same schemas and reject bad input the same way.
+#include <ATen/ops/_foreach_add.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -42,6 +43,15 @@ std::string step_variant(const char* rule, const StepLists& L) {
   name += L.state_bits != 0 ? ".q" + std::to_string(L.state_bits) : (bf16_state ? ".bf16" : ".f32");
   name += L.pam ? ".pam" : ".ieee";
   return name;
+}
+
+void increment_steps(const StepLists& L) {
+  if (!L.increment_steps || L.steps.empty()) return;
+  if (L.steps[0].device().is_cpu()) {
+    for (const at::Tensor& s : L.steps) ++*s.data_ptr<int64_t>();
+  } else {
+    at::_foreach_add_(L.steps, 1);
+  }
 }
 
 SlotTotals fill_slots(const StepLists& L, int num_states, TensorSlot* slots) {
@@ -284,10 +294,11 @@ void set_element_offsets(const char* op, StepLists& L, at::OptionalIntArrayRef e
 // rotational=True.
 // Then the shards' element offsets in their full tensors (the random stream's element index), or None,
 // and quantized states' block scales (state j of tensor i at j n + i), bits (0: not quantized) and
-// block size.
+// block size, and whether the op increments the step counters (StepLists::increment_steps).
 #define FW_CONTROL_SCHEMA                                                       \
   "float? update_norm=None, int[]? update_rows=None, bool rotational=False, " \
-  "int[]? element_offsets=None, Tensor(f!)[]? state_scales=None, int state_bits=0, int state_block=0"
+  "int[]? element_offsets=None, Tensor(f!)[]? state_scales=None, int state_bits=0, int state_block=0, " \
+  "bool increment_steps=False"
 
 void set_state_quantization(const char* op, StepLists& L, std::optional<at::TensorList> scales, int64_t state_bits,
                             int64_t state_block) {
@@ -316,17 +327,17 @@ void set_state_quantization(const char* op, StepLists& L, std::optional<at::Tens
 void define_ops(torch::Library& m) {
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, "
-      "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(g!)[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, "
       "int seed, float beta1, float beta2, float eps, float weight_decay, bool maximize, str arithmetic=\"ieee\", "
       "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", str v_init=\"zero\", " FW_CONTROL_SCHEMA
       ") -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] momentum_buffers, "
-      "Tensor[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float momentum, "
+      "Tensor(g!)[] steps, int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, str arithmetic=\"ieee\", "
       "Tensor? grad_scales=None, Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", " FW_CONTROL_SCHEMA ") -> ()");
   m.def(
-      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, Tensor[] steps, "
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] extras, Tensor(c!)[] exp_avgs, Tensor(g!)[] steps, "
       "int[] tensor_ids, Tensor? lr_tensor, float lr, int extra_bits, int seed, float beta1, float beta2, "
       "float weight_decay, bool maximize, str arithmetic=\"ieee\", Tensor? grad_scales=None, "
       "Tensor(e!)? nonfinite=None, " FW_SCHEDULE_SCHEMA ", " FW_CONTROL_SCHEMA ") -> ()");

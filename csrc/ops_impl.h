@@ -38,10 +38,11 @@ fw::Schedule parse_schedule(const char* op, c10::string_view warmup, int64_t war
   std::optional<double> update_norm, at::OptionalIntArrayRef update_rows, bool rotational
 #define FW_CONTROL_ARGS update_norm, update_rows, rotational
 // The shards' element offsets (see StepLists::element_offsets), then the states' quantization
-// (StepLists::state_bits): the last arguments of every step op.
+// (StepLists::state_bits) and whether the op increments the step counters (StepLists::increment_steps):
+// the last arguments of every step op.
 #define FW_SHARD_PARAMS \
   at::OptionalIntArrayRef element_offsets, std::optional<at::TensorList> state_scales, int64_t state_bits, \
-      int64_t state_block
+      int64_t state_block, bool increment_steps
 
 // Checks the update-size control arguments against the call's tensors and stores them in L.
 // `eq_coef` is the rule's equilibrium coefficient (eta^2 / lr, used when rotational).
@@ -81,6 +82,7 @@ struct OpImpls {
                 "cannot be combined: both correct the zero-initialized second moment, choose one");
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs, exp_avg_sqs}, steps, tensor_ids, lr_tensor,
                                   lr, extra_bits, seed, grad_scales, nonfinite);
+    L.increment_steps = increment_steps;
     L.pam = parse_arithmetic("adamw_", arithmetic);
     set_state_quantization("adamw_", L, state_scales, state_bits, state_block);
     check_step_lists("adamw_", L, fw::AdamW::kStates);
@@ -109,6 +111,7 @@ struct OpImpls {
     if (momentum == 0.0) {
       StepLists L = make_step_lists(params, grads, extras, {}, steps, tensor_ids, lr_tensor, lr, extra_bits, seed,
                                     grad_scales, nonfinite);
+      L.increment_steps = increment_steps;
       L.pam = pam;
       set_state_quantization("sgd_", L, std::nullopt, state_bits, state_block);
       check_step_lists("sgd_", L, fw::SGD::kStates);
@@ -118,6 +121,7 @@ struct OpImpls {
     } else {
       StepLists L = make_step_lists(params, grads, extras, {momentum_buffers}, steps, tensor_ids, lr_tensor, lr,
                                     extra_bits, seed, grad_scales, nonfinite);
+      L.increment_steps = increment_steps;
       L.pam = pam;
       set_state_quantization("sgd_", L, state_scales, state_bits, state_block);
       check_step_lists("sgd_", L, fw::SGDMomentum::kStates);
@@ -135,6 +139,7 @@ struct OpImpls {
                    FW_SHARD_PARAMS) {
     StepLists L = make_step_lists(params, grads, extras, {exp_avgs}, steps, tensor_ids, lr_tensor, lr, extra_bits,
                                   seed, grad_scales, nonfinite);
+    L.increment_steps = increment_steps;
     L.pam = parse_arithmetic("lion_", arithmetic);
     set_state_quantization("lion_", L, state_scales, state_bits, state_block);
     check_step_lists("lion_", L, fw::Lion::kStates);

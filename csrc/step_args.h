@@ -39,7 +39,15 @@ struct StepLists {
   int64_t state_bits = 0;
   int64_t state_block = 0;
   std::vector<std::vector<at::Tensor>> state_scales;
+  // Whether the op adds 1 to every step counter itself (increment_steps), once the kernel variant
+  // is loaded and just before the update, so that a failure before it leaves the counters as they were.
+  bool increment_steps = false;
 };
+
+// Adds 1 to every step counter of L if L.increment_steps (see there): written directly on the CPU
+// (the per-tensor dispatch of a foreach add costs about a microsecond per tensor), one foreach add
+// on the current stream otherwise.
+void increment_steps(const StepLists& L);
 
 // The rules' names in variant names (fusedwarm/_build.py maps them back to the types).
 template <class Rule>

@@ -32,8 +32,9 @@ template <class Rule>
 void CpuBackend::run(const StepLists& L, const typename Rule::Hyper& h) {
   std::vector<TensorSlot> slots(L.params.size());
   const SlotTotals n = fill_slots(L, Rule::kStates, slots.data());
+  const CpuStepFn step = n.slots != 0 ? step_function(step_variant(kRuleName<Rule>, L)) : nullptr;
+  increment_steps(L);
   if (n.slots == 0) return;
-  const CpuStepFn step = step_function(step_variant(kRuleName<Rule>, L));
   CpuStepCall call{};
   call.slots = slots.data();
   call.num_slots = n.slots;

@@ -44,7 +44,6 @@ struct DeviceStep {
     if (L.params.empty()) return;
     const at::Device device = L.params[0].device();
     const typename Dev::Scope scope(device);
-
     // The slots go through host staging memory: the non-blocking copy_ records its stream on the
     // caching host allocator, so the buffer is not reused before the copy has run (nor, when the
     // copy is captured into a CUDA graph, before the graph can no longer replay it: see
@@ -54,9 +53,15 @@ struct DeviceStep {
     at::Tensor host = Dev::staging(bytes);
     auto* slots = static_cast<TensorSlot*>(host.data_ptr());
     const SlotTotals n = fill_slots(L, Rule::kStates, slots);
-    if (n.slots == 0) return;
+    if (n.slots == 0) {
+      increment_steps(L);
+      return;
+    }
     const std::string variant = step_variant(kRuleName<Rule>, L);
     const auto step_kernel = Dev::kernel(variant, "fw_step", device);
+    // The counters are incremented once the variant is loaded (a failed compile leaves them as they
+    // were), on this stream before the kernels that read them.
+    increment_steps(L);
 
     // Update-size control's device scratch: the chunk sums, then the rows' coefficients (float32
     // words). It is freed to the caching allocator on this stream, after the kernels that use it.

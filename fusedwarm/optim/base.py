@@ -320,7 +320,6 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
                 self._states.create(group, params[i], s)
         used = self._state_names(group)
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
         # The kernels see local shards (FSDP2) with their offsets in the full tensor. Parameters
         # that are not contiguous are updated through a contiguous copy.
         sharded = any(map(_sharding.is_sharded, params))
@@ -338,35 +337,32 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
         ids = [self._ids[id(p)] for p in params]  # each tensor's index in the optimizer: its random-stream key
         # The overload itself, not the packet: the packet's overload resolution costs ~50 us per call.
         op = getattr(_ops.load(), self._op_name).default
-        try:
-            op(
-                work,
-                [g.contiguous() for g in local_grads],
-                [s["extra"] for s in states if "extra" in s],
-                # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
-                *[[s[n] for s in states] if n in used else [] for n in self._op_states],
-                steps,
-                ids,
-                lr_tensor,
-                0.0 if lr_tensor is not None else float(lr),
-                extra_bits(group, params[0]),
-                group["seed"],
-                *[self._hyper_value(group, n) for n in self._hyper_names],
-                arithmetic=group.get("arithmetic", "ieee"),
-                grad_scales=self._scaling.grad_scales(device, ids, grads, self._main_device(), len(self._ids)),
-                nonfinite=skipped,
-                **self._schedule_args(group),
-                **controls,
-                element_offsets=offsets,
-                state_scales=[s[n + SCALE_SUFFIX] for n in quantized for s in states] if quantized else None,
-                state_bits=bits,
-                state_block=state_block(group, bits) if bits else 0,
-            )
-        except BaseException:
-            # The op checks everything and compiles its kernel variant (first use) before it changes
-            # anything: a failure there leaves the step counters as they were too.
-            torch._foreach_sub_(steps, 1)
-            raise
+        op(
+            work,
+            [g.contiguous() for g in local_grads],
+            [s["extra"] for s in states if "extra" in s],
+            # A state the group does not use (SGD's buffer without momentum) goes as an empty list.
+            *[[s[n] for s in states] if n in used else [] for n in self._op_states],
+            steps,
+            ids,
+            lr_tensor,
+            0.0 if lr_tensor is not None else float(lr),
+            extra_bits(group, params[0]),
+            group["seed"],
+            *[self._hyper_value(group, n) for n in self._hyper_names],
+            arithmetic=group.get("arithmetic", "ieee"),
+            grad_scales=self._scaling.grad_scales(device, ids, grads, self._main_device(), len(self._ids)),
+            nonfinite=skipped,
+            **self._schedule_args(group),
+            **controls,
+            element_offsets=offsets,
+            state_scales=[s[n + SCALE_SUFFIX] for n in quantized for s in states] if quantized else None,
+            state_bits=bits,
+            state_block=state_block(group, bits) if bits else 0,
+            # The op checks everything and loads (compiles on first use) its kernel variant before
+            # it changes anything, the step counters included.
+            increment_steps=True,
+        )
         self._skips.append((params, skipped))
         for p, w in zip(shards, work):
             if w is not p:
