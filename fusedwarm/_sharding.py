@@ -38,6 +38,12 @@ def is_sharded(t: Tensor) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+def any_sharded(tensors: list[Tensor]) -> bool:
+    """True if any of ``tensors`` is a DTensor (one type lookup for the list: a step's per-tensor cost)."""
+    cls = _dtensor_type()
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
+
+
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (sharing its storage), or ``t`` itself."""
     return t._local_tensor if is_sharded(t) else t

@@ -138,12 +138,14 @@ class StateLayout:
             return True
         known = self._checked.get(id(p))
         if (known is None or known[1] is not group.get("extra_bits") or known[2] is not group.get("state_dtype")
-                or known[3] is not p.dtype or known[4] is not group.get("state_block")):
+                or known[3] is not p.dtype or known[4] is not group.get("state_block")
+                or len(state) != len(known[0])):
             return None
-        for name, ref in known[0]:
-            if state.get(name) is not ref():
+        # The same tensors in the same entries: the values in the dict's order, as recorded.
+        for value, ref in zip(state.values(), known[0]):
+            if value is not ref():
                 return None
-        return True if len(state) == len(known[0]) else None
+        return True
 
     def check_for_step(self, group: dict[str, Any], what: Callable[[], str], p: Tensor,
                        state: dict[str, Any] | None) -> None:
@@ -156,8 +158,10 @@ class StateLayout:
             return
         self.check(group, what, p, state, RuntimeError)
         expected = self.expected(group, p)
-        if all(name in state for name in expected):
-            self._checked[id(p)] = (tuple((name, weakref.ref(state[name])) for name in expected),
+        # Recorded only for a complete state of tensors (the expected names, which check() has just
+        # checked, and no others), in the dict's order.
+        if len(state) == len(expected) and all(name in state for name in expected):
+            self._checked[id(p)] = (tuple(weakref.ref(value) for value in state.values()),
                                     group.get("extra_bits"), group.get("state_dtype"), p.dtype,
                                     group.get("state_block"))
 

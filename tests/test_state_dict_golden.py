@@ -3,7 +3,9 @@
 ``tests/data/state_dicts.bin`` was written by this module (``python tests/test_state_dict_golden.py``)
 from the optimizer as it stood before ``fusedwarm/optim.py`` was split into modules, and rewritten once
 when the loss-scale and clipping scalars moved from the top-level ``"fusedwarm"`` entry into the first
-param group (checked equal to the old file with the scalars moved back). The test trains
+param group (checked equal to the old file with the scalars moved back), and once when param groups
+gained the storage option ``state_block`` (quantized states; checked equal to the old file with that
+key removed). The test trains
 the same optimizers on the same random gradients and compares a canonical encoding of their state
 dicts (every tensor as dtype, shape and raw bytes; every other value as itself) with the file, so a
 refactoring that changes what is saved (a name, a dtype, an option, a loss-scale scalar, a bit of a

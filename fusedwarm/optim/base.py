@@ -322,7 +322,7 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
         steps = [s["step"] for s in states]
         # The kernels see local shards (FSDP2) with their offsets in the full tensor. Parameters
         # that are not contiguous are updated through a contiguous copy.
-        sharded = any(map(_sharding.is_sharded, params))
+        sharded = _sharding.any_sharded(params)
         shards = [_sharding.local(p) for p in params] if sharded else params
         work = [p if p.is_contiguous() else p.contiguous() for p in shards]
         offsets = [_sharding.element_offset(p) for p in params] if sharded else None
