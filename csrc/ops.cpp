@@ -228,8 +228,8 @@ at::Tensor dequantize_states_cpu(const at::Tensor& codes, const at::Tensor& scal
   check_quantization("dequantize_states", bits, block);
   const int64_t expected_codes = bits == 8 ? numel : (numel + 1) / 2;
   const int64_t blocks = (numel + block - 1) / block;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == expected_codes && scales.scalar_type() == at::kFloat &&
-                  scales.numel() == blocks,
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.numel() == expected_codes &&
+                  scales.scalar_type() == at::kFloat && scales.numel() == blocks,
               "fusedwarm.dequantize_states: ", numel, " elements need ", expected_codes, " uint8 codes and ", blocks,
               " float32 scales, got ", codes.scalar_type(), " with ", codes.numel(), " and ", scales.scalar_type(),
               " with ", scales.numel());

@@ -237,9 +237,9 @@ void check_step_lists(const char* op, const StepLists& L, int num_states) {
         const at::Tensor& sc = L.state_scales[j][i];
         check_dense(op, "state_scales", j * n + i, sc, p);
         const int64_t blocks = (p.numel() + L.state_block - 1) / L.state_block;
-        TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.numel() == blocks, "fusedwarm.", op, ": the block scales of state ",
-                    j, " of params[", i, "] must be float32 with ", blocks, " elements (blocks of ", L.state_block,
-                    "), got ", sc.scalar_type(), " with ", sc.numel());
+        TORCH_CHECK(sc.scalar_type() == at::kFloat && sc.numel() == blocks, "fusedwarm.", op,
+                    ": the block scales of state ", j, " of params[", i, "] must be float32 with ", blocks,
+                    " elements (blocks of ", L.state_block, "), got ", sc.scalar_type(), " with ", sc.numel());
       }
     }
   }

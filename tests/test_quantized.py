@@ -139,7 +139,8 @@ def test_step_matches_reference_encoding(rule, state_dtype, extra_bits):
                     codes = rq.pack_codes(new_codes, bits)
                     scales = torch.where(bad, before[i][name + "_scale"], scales)
                 assert torch.equal(q.state[a][name], codes), (name, i, step)
-                assert torch.equal(q.state[a][name + "_scale"].view(torch.int32), scales.view(torch.int32)), (name, step)
+                scale_bits = q.state[a][name + "_scale"].view(torch.int32)
+                assert torch.equal(scale_bits, scales.view(torch.int32)), (name, step)
 
 
 def _run(state_dtype, rule, device, context, steps=4, **options):

@@ -72,7 +72,8 @@ class Lion(FusedOptimizer):
         update_norm: float | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, extra_bits=extra_bits,
-                        state_dtype=state_dtype, state_block=state_block, seed=seed, arithmetic=arithmetic, warmup=warmup,
+                        state_dtype=state_dtype, state_block=state_block, seed=seed, arithmetic=arithmetic,
+                        warmup=warmup,
                         warmup_steps=warmup_steps, warmup_start=warmup_start, schedule=schedule,
                         update_control=update_control, update_norm=update_norm)
         self._check_hyper(defaults)

@@ -77,7 +77,8 @@ class SGD(FusedOptimizer):
     ) -> None:
         _validation.check_torch_options("SGD", dict(foreach=foreach, fused=fused, differentiable=differentiable))
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype, state_block=state_block,
+                        nesterov=nesterov, maximize=maximize, extra_bits=extra_bits, state_dtype=state_dtype,
+                        state_block=state_block,
                         seed=seed, arithmetic=arithmetic, warmup=warmup, warmup_steps=warmup_steps,
                         warmup_start=warmup_start, schedule=schedule, update_control=update_control,
                         update_norm=update_norm)
