@@ -143,9 +143,18 @@ def test_step_matches_reference_encoding(rule, state_dtype, extra_bits):
                 assert torch.equal(scale_bits, scales.view(torch.int32)), (name, step)
 
 
-def _run(state_dtype, rule, device, context, steps=4, **options):
+def _offset_copy(t: torch.Tensor, device, offset: int) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` that starts ``offset`` elements into a fresh buffer."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=device)
+    out = buf[offset:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _run(state_dtype, rule, device, context, steps=4, misaligned=False, **options):
     params, opt = _make(state_dtype, rule, torch.bfloat16, 8, **options)
-    params = [torch.nn.Parameter(p.detach().to(device, copy=True)) for p in params]
+    # Misaligned: weights one element into their buffers, so the kernels take their scalar path.
+    params = [torch.nn.Parameter(_offset_copy(p.detach(), device, 1 if misaligned else 0)) for p in params]
     opt = type(opt)(params, **{k: v for k, v in opt.defaults.items()})
     seed_all("quantized-device", rule, state_dtype)
     with context:
@@ -165,6 +174,8 @@ def _run(state_dtype, rule, device, context, steps=4, **options):
     dict(state_dtype="int4", rule="SGD"),
     dict(state_dtype="int8", rule="AdamW", update_control="row", update_norm=0.01),
     dict(state_dtype="int4", rule="AdamW", arithmetic="pam"),
+    dict(state_dtype="int8", rule="AdamW", misaligned=True),
+    dict(state_dtype="int4", rule="Lion", misaligned=True),
 ], ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_cuda_matches_cpu(gpu, case):
     """The CUDA kernels (block-cooperative tiles, shared-memory maxima) = the CPU backend, bit for bit

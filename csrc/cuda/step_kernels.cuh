@@ -165,26 +165,98 @@ struct SlotUpdate {
     return skipped;
   }
 
+  // A thread's kPack codes of one quantized state: kPack bytes (8-bit codes) or kPack / 2 (4-bit),
+  // one aligned word (a state tensor starts 16-byte aligned and k0 is a multiple of kPack).
+  union Codes {
+    uint8_t b[kPack];
+    uint2 w8;
+    unsigned int w4;
+  };
+
+  __device__ __forceinline__ static void load_codes(Codes& c, const St* s, int64_t k0, int64_t count, bool full) {
+    if (full) {
+      if (S::kBits == 8) {
+        c.w8 = *reinterpret_cast<const uint2*>(s + k0);
+      } else {
+        c.w4 = *reinterpret_cast<const unsigned int*>(s + k0 / 2);
+      }
+      return;
+    }
+    const int64_t bytes = S::kBits == 8 ? count : (count + 1) / 2;
+#pragma unroll
+    for (int i = 0; i < kPack; ++i) c.b[i] = i < bytes ? s[(S::kBits == 8 ? k0 : k0 / 2) + i] : 0;
+  }
+
+  __device__ __forceinline__ static uint32_t code_of(const Codes& c, int i) {
+    return S::kBits == 8 ? c.b[i] : (static_cast<uint32_t>(c.b[i >> 1]) >> ((i & 1) * 4)) & 0xFu;
+  }
+
+  __device__ __forceinline__ static void store_codes(St* s, const uint32_t* code, int64_t k0, int64_t count,
+                                                     bool full) {
+    Codes c;
+#pragma unroll
+    for (int i = 0; i < kPack; ++i) c.b[i] = 0;
+#pragma unroll
+    for (int i = 0; i < kPack; ++i) {
+      if (S::kBits == 8) {
+        c.b[i] = static_cast<uint8_t>(code[i]);
+      } else {
+        c.b[i >> 1] = static_cast<uint8_t>(c.b[i >> 1] | (code[i] << ((i & 1) * 4)));
+      }
+    }
+    if (full) {
+      if (S::kBits == 8) {
+        *reinterpret_cast<uint2*>(s + k0) = c.w8;
+      } else {
+        *reinterpret_cast<unsigned int*>(s + k0 / 2) = c.w4;
+      }
+      return;
+    }
+    const int64_t bytes = S::kBits == 8 ? count : (count + 1) / 2;
+    for (int64_t i = 0; i < bytes; ++i) s[(S::kBits == 8 ? k0 : k0 / 2) + i] = c.b[i];
+  }
+
   // Quantized states (update.cuh, "quantized states"): thread t takes the kPack elements from
-  // base + kPack t, and the B / kPack consecutive threads that hold one block of B elements find
-  // the block's largest state magnitudes and whether every gradient is finite through shared
-  // memory (a maximum and a sum: the same in any order, so the same bits as the CPU's loop).
-  // Every thread of the block calls this for every tile (it has barriers).
-  __device__ __forceinline__ int tile_quantized(int64_t base) const {
+  // base + kPack t (128-bit loads and stores where the slot is vectorized and the pack is whole),
+  // and the B / kPack consecutive threads that hold one block of B elements find the block's
+  // largest state magnitudes and whether every gradient is finite through shared memory (a
+  // maximum and a sum: the same in any order, so the same bits as the CPU's loop). Every thread of
+  // the block calls this for every tile (it has barriers).
+  __device__ __forceinline__ int tile_quantized(int64_t base, bool vectorized) const {
     __shared__ uint32_t largest[2][kThreads];
     __shared__ int bad_in[kThreads];
     const int64_t k0 = base + static_cast<int64_t>(threadIdx.x) * kPack;
+    const int64_t count = k0 < numel ? (numel - k0 < kPack ? numel - k0 : kPack) : 0;
+    const bool full = vectorized && count == kPack;
+    Pack<W> w, g;
+    Pack<Ext> x;
+    Codes s0{}, s1{};
+    if (full) {
+      load_pack(w, param + k0);
+      load_pack(g, grad + k0);
+      if constexpr (kExtra) load_pack(x, extra + k0);
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        w.v[i] = param[k0 + i];
+        g.v[i] = grad[k0 + i];
+        if constexpr (kExtra) x.v[i] = extra[k0 + i];
+      }
+    }
+    if (kStates > 0 && count > 0) load_codes(s0, state0, k0, count, full);
+    if (kStates > 1 && count > 0) load_codes(s1, state1, k0, count, full);
+    const int64_t q = k0 >> block_shift;  // the block of the states that holds this thread's elements
+    const float old0 = kStates > 0 && count > 0 ? scale0[q] : 0.0f;
+    const float old1 = kStates > 1 && count > 0 ? scale1[q] : 0.0f;
     float p[kPack], f0[kPack], f1[kPack];
     uint32_t m0 = 0, m1 = 0;
     int bad = 0;
 #pragma unroll
     for (int i = 0; i < kPack; ++i) {
-      const int64_t k = k0 + i;
-      if (k < numel) {
-        float a = kStates > 0 ? fw::load_state<S, 0>(state0, scale0, block_shift, k) : 0.0f;
-        float v = kStates > 1 ? fw::load_state<S, 1>(state1, scale1, block_shift, k) : 0.0f;
-        const bool ok = fw::quantized_values<Rule, P, M>(scalars, param[k], kExtra ? static_cast<int32_t>(extra[k]) : 0,
-                                                         grad[k], grad_scale, coef(k), p[i], a, v, m0, m1);
+      if (i < count) {
+        float a = kStates > 0 ? S::Code0::decode(code_of(s0, i), old0) : 0.0f;
+        float v = kStates > 1 ? S::Code1::decode(code_of(s1, i), old1) : 0.0f;
+        const bool ok = fw::quantized_values<Rule, P, M>(scalars, w.v[i], kExtra ? static_cast<int32_t>(x.v[i]) : 0,
+                                                         g.v[i], grad_scale, coef(k0 + i), p[i], a, v, m0, m1);
         f0[i] = a;
         f1[i] = v;
         bad += ok ? 0 : 1;
@@ -203,8 +275,7 @@ struct SlotUpdate {
       block_bad += bad_in[j];
     }
     __syncthreads();  // the next tile reuses the shared arrays
-    if (block_bad != 0 || k0 >= numel) return bad;  // the block is the unit of a skip
-    const int64_t q = k0 >> block_shift;
+    if (block_bad != 0 || count == 0) return bad;  // the block is the unit of a skip
     const float inv0 = S::Code0::block_inverse(m0), inv1 = S::Code1::block_inverse(m1);
     if (static_cast<int>(threadIdx.x) == leader) {
       if (kStates > 0) scale0[q] = S::Code0::block_scale(m0);
@@ -213,26 +284,26 @@ struct SlotUpdate {
     uint32_t c0[kPack], c1[kPack];
 #pragma unroll
     for (int i = 0; i < kPack; ++i) {
-      const int64_t k = k0 + i;
       c0[i] = 0u;
       c1[i] = 0u;
-      if (k < numel) {
-        int32_t e = kExtra ? static_cast<int32_t>(extra[k]) : 0;
-        fw::store_quantized<P, S, kStates>(counter_of(k), p[i], f0[i], f1[i], inv0, inv1, param[k], e, c0[i], c1[i]);
-        if constexpr (kExtra) extra[k] = static_cast<Ext>(e);
+      if (i < count) {
+        int32_t e = kExtra ? static_cast<int32_t>(x.v[i]) : 0;
+        fw::store_quantized<P, S, kStates>(counter_of(k0 + i), p[i], f0[i], f1[i], inv0, inv1, w.v[i], e, c0[i],
+                                           c1[i]);
+        if constexpr (kExtra) x.v[i] = static_cast<Ext>(e);
       }
     }
-    // Codes: a byte per element, or two nibbles per byte (kPack is even, so a thread's bytes are its own).
-#pragma unroll
-    for (int i = 0; i < kPack; i += (S::kBits == 8 ? 1 : 2)) {
-      const int64_t k = k0 + i;
-      if (k >= numel) break;
-      const int64_t at = S::kBits == 8 ? k : k >> 1;
-      const uint32_t b0 = S::kBits == 8 ? c0[i] : c0[i] | (c0[i + 1] << 4);
-      const uint32_t b1 = S::kBits == 8 ? c1[i] : c1[i] | (c1[i + 1] << 4);
-      if (kStates > 0) state0[at] = static_cast<St>(b0);
-      if (kStates > 1) state1[at] = static_cast<St>(b1);
+    if (full) {
+      store_pack(param + k0, w);
+      if constexpr (kExtra) store_pack(extra + k0, x);
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        param[k0 + i] = w.v[i];
+        if constexpr (kExtra) extra[k0 + i] = x.v[i];
+      }
     }
+    if (kStates > 0) store_codes(state0, c0, k0, count, full);
+    if (kStates > 1) store_codes(state1, c1, k0, count, full);
     return bad;
   }
 
@@ -241,7 +312,7 @@ struct SlotUpdate {
   // takes base + t + kThreads j, so that the scalar accesses of a warp stay coalesced.
   __device__ __forceinline__ int tile(int64_t base, bool vectorized) const {
     if constexpr (S::kQuantized) {
-      return tile_quantized(base);
+      return tile_quantized(base, vectorized);
     } else {
       int skipped = 0;
       if (vectorized) {
