@@ -168,13 +168,12 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key) {
 // with its random word (int32 holding the uint32 word; 0x80000000 everywhere rounds to nearest,
 // ties up): the step's encoder, exposed for checkpoint conversion and for tests against the
 // reference. `is_signed` selects the first state's code (m), else the second's (v).
-template <class Code>
-std::tuple<at::Tensor, at::Tensor> quantize_with(const at::Tensor& values, const at::Tensor& words, int64_t bits,
-                                                 int64_t block) {
+template <class S, class Code>
+std::tuple<at::Tensor, at::Tensor> quantize_with(const at::Tensor& values, const at::Tensor& words, int64_t block) {
   const int64_t n = values.numel();
   const at::Tensor v = values.contiguous();
   const at::Tensor r = words.contiguous();
-  at::Tensor codes = at::zeros({bits == 8 ? n : (n + 1) / 2}, v.options().dtype(at::kByte));
+  at::Tensor codes = at::zeros({S::kBits == 8 ? n : (n + 1) / 2}, v.options().dtype(at::kByte));
   at::Tensor scales = at::empty({(n + block - 1) / block}, v.options());
   const float* x = v.const_data_ptr<float>();
   const uint32_t* rnd = reinterpret_cast<const uint32_t*>(r.const_data_ptr<int32_t>());
@@ -186,14 +185,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_with(const at::Tensor& values, const
     for (int64_t k = first; k < last; ++k) largest = std::max(largest, fw::saturated_magnitude(x[k]));
     sc[first / block] = Code::block_scale(largest);
     const float inv = Code::block_inverse(largest);
-    for (int64_t k = first; k < last; ++k) {
-      const uint32_t c = Code::encode(x[k], inv, rnd[k]);
-      if (bits == 8) {
-        out[k] = static_cast<uint8_t>(c);
-      } else {
-        out[k >> 1] = static_cast<uint8_t>(out[k >> 1] | (c << ((k & 1) * 4)));
-      }
-    }
+    for (int64_t k = first; k < last; ++k) S::put_code(out, k, Code::encode(x[k], inv, rnd[k]));
   }
   return {codes, scales};
 }
@@ -215,11 +207,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_states_cpu(const at::Tensor& values,
   using Q8 = fw::StateQuant<8>;
   using Q4 = fw::StateQuant<4>;
   if (bits == 8) {
-    return is_signed ? quantize_with<Q8::Code0>(values, words, bits, block)
-                     : quantize_with<Q8::Code1>(values, words, bits, block);
+    return is_signed ? quantize_with<Q8, Q8::Code0>(values, words, block)
+                     : quantize_with<Q8, Q8::Code1>(values, words, block);
   }
-  return is_signed ? quantize_with<Q4::Code0>(values, words, bits, block)
-                   : quantize_with<Q4::Code1>(values, words, bits, block);
+  return is_signed ? quantize_with<Q4, Q4::Code0>(values, words, block)
+                   : quantize_with<Q4, Q4::Code1>(values, words, block);
 }
 
 // The float32 values of quantized states: the inverse of quantize_states (up to its rounding).

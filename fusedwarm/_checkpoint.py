@@ -232,7 +232,9 @@ class Checkpointing:
             signed = index == 0  # the first state (m, momentum) has signed codes, AdamW's v unsigned
             if value.dtype == torch.uint8 and scale is not None:
                 saved_bits = 8 if value.numel() == n else 4 if value.numel() == (n + 1) // 2 else None
-                saved_block = next((b for b in (2 ** i for i in range(5, 12)) if -(-n // b) == scale.numel()), None)
+                blocks = (2**i for i in range(_validation.MIN_STATE_BLOCK.bit_length() - 1,
+                                              _validation.MAX_STATE_BLOCK.bit_length()))
+                saved_block = next((b for b in blocks if -(-n // b) == scale.numel()), None)
                 if saved_bits is None or saved_block is None:
                     continue
                 if (saved_bits, saved_block) == (bits, block):

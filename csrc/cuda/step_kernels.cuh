@@ -187,23 +187,13 @@ struct SlotUpdate {
     for (int i = 0; i < kPack; ++i) c.b[i] = i < bytes ? s[(S::kBits == 8 ? k0 : k0 / 2) + i] : 0;
   }
 
-  __device__ __forceinline__ static uint32_t code_of(const Codes& c, int i) {
-    return S::kBits == 8 ? c.b[i] : (static_cast<uint32_t>(c.b[i >> 1]) >> ((i & 1) * 4)) & 0xFu;
-  }
-
   __device__ __forceinline__ static void store_codes(St* s, const uint32_t* code, int64_t k0, int64_t count,
                                                      bool full) {
     Codes c;
 #pragma unroll
     for (int i = 0; i < kPack; ++i) c.b[i] = 0;
 #pragma unroll
-    for (int i = 0; i < kPack; ++i) {
-      if (S::kBits == 8) {
-        c.b[i] = static_cast<uint8_t>(code[i]);
-      } else {
-        c.b[i >> 1] = static_cast<uint8_t>(c.b[i >> 1] | (code[i] << ((i & 1) * 4)));
-      }
-    }
+    for (int i = 0; i < kPack; ++i) S::put_code(c.b, i, code[i]);
     if (full) {
       if (S::kBits == 8) {
         *reinterpret_cast<uint2*>(s + k0) = c.w8;
@@ -253,8 +243,8 @@ struct SlotUpdate {
 #pragma unroll
     for (int i = 0; i < kPack; ++i) {
       if (i < count) {
-        float a = kStates > 0 ? S::Code0::decode(code_of(s0, i), old0) : 0.0f;
-        float v = kStates > 1 ? S::Code1::decode(code_of(s1, i), old1) : 0.0f;
+        float a = kStates > 0 ? S::Code0::decode(S::code_at(s0.b, i), old0) : 0.0f;
+        float v = kStates > 1 ? S::Code1::decode(S::code_at(s1.b, i), old1) : 0.0f;
         const bool ok = fw::quantized_values<Rule, P, M>(scalars, w.v[i], kExtra ? static_cast<int32_t>(x.v[i]) : 0,
                                                          g.v[i], grad_scale, coef(k0 + i), p[i], a, v, m0, m1);
         f0[i] = a;

@@ -130,6 +130,16 @@ struct StateQuant {
     if (kBits == 8) return codes[k];
     return (static_cast<uint32_t>(codes[k >> 1]) >> ((k & 1) * 4)) & 0xFu;
   }
+
+  // Writes code c of element k into a code array whose 4-bit bytes start at 0 (each is written as
+  // two nibbles, the even element's first).
+  static FW_HD void put_code(uint8_t* codes, int64_t k, uint32_t c) {
+    if (kBits == 8) {
+      codes[k] = static_cast<uint8_t>(c);
+    } else {
+      codes[k >> 1] = static_cast<uint8_t>(codes[k >> 1] | (c << ((k & 1) * 4)));
+    }
+  }
 };
 
 }  // namespace fw

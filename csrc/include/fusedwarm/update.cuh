@@ -359,7 +359,7 @@ FW_HD bool update_element(const typename Rule::Scalars& sc, uint32_t counter, ty
                           int32_t& e, typename P::storage g, float grad_scale, typename S::storage& s0,
                           typename S::storage& s1, const C& coef = C{}) {
   static_assert(Rule::kStates <= 2, "update_element carries at most two states");
-  static_assert(!S::kQuantized, "quantized states are written a block at a time (update_block_values)");
+  static_assert(!S::kQuantized, "quantized states are written a block at a time (quantized_values, store_quantized)");
   float f0 = Rule::kStates > 0 ? S::load(s0) : 0.0f;
   float f1 = Rule::kStates > 1 ? S::load(s1) : 0.0f;
   float p0, p;
@@ -398,6 +398,7 @@ FW_HD float load_state(const typename S::storage* s, const float* scales, int bl
 // 3. every element: store_quantized below.
 // The random words are update_element's (element_words): a state's code rounds with the same 16
 // bits its bfloat16 value would.
+
 // Part 1 for one element: element_values from the decoded states f0, f1 (replaced by the new ones),
 // the new weight in p, and the block's largest magnitudes so far raised to the new states'.
 template <class Rule, class P, class M, class C>
