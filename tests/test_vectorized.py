@@ -70,8 +70,9 @@ def simd_loops(lines: list[str]) -> list[range]:
 
 
 SIMD_LOOPS = simd_loops((CSRC / "cpu" / "chunk.h").read_text().splitlines())
-# run_chunk's loops, then run_quantized_block's: 4-bit unpack, block values, block store, 4-bit pack.
-CHUNK_LOOPS, QUANT_LOOPS = SIMD_LOOPS[:2], SIMD_LOOPS[2:]
+# run_chunk's loops (the gradient scan; the element loop by pairs of 16-bit elements, or one by one),
+# then run_quantized_block's: 4-bit unpack, block values, block store, 4-bit pack.
+CHUNK_LOOPS, QUANT_LOOPS = SIMD_LOOPS[:3], SIMD_LOOPS[3:]
 
 QUANT_PROBE = """#include "cpu/chunk.h"
 using R = fw::{rule};
@@ -115,9 +116,15 @@ def _check_loops(report: list[str], loops: list[range], names: tuple[str, ...], 
                          ids=[f"{r}-{p.split('::')[-1]}-{s[4:]}" + ("-pam" if a == "fw::Pam" else "")
                               for r, p, s, a in ALL_CASES])
 def test_element_loop_vectorizes(tmp_path, rule, param, state, arith, coef):
+    """The gradient scan and the element loop that the combination takes: by pairs when every
+    array holds 16-bit values (half weights; bfloat16 states or none) and the arithmetic is IEEE,
+    else one by one."""
     report = _compile_probe(tmp_path, PROBE.format(rule=rule, param=param, state=state, arith=arith, coef=coef))
-    assert len(CHUNK_LOOPS) == 2, CHUNK_LOOPS
-    _check_loops(report, CHUNK_LOOPS, ("gradient scan", "element loop"),
+    assert len(CHUNK_LOOPS) == 3, CHUNK_LOOPS
+    pairs = param.startswith("fw::ParamHalf") and (state == "fw::StateBF16" or rule == "SGD") and arith == "fw::Ieee"
+    scan, pair_loop, element_loop = CHUNK_LOOPS
+    _check_loops(report, [scan, pair_loop if pairs else element_loop],
+                 ("gradient scan", "pair loop" if pairs else "element loop"),
                  f"run_chunk<{rule}, {param}, {state}, {arith}, {coef}>")
 
 
