@@ -16,11 +16,11 @@ StepLists make_step_lists(at::TensorList params, at::TensorList grads, at::Tenso
                           const std::optional<at::Tensor>& lr_tensor, double lr, int64_t extra_bits, int64_t seed,
                           const std::optional<at::Tensor>& grad_scales, const std::optional<at::Tensor>& nonfinite) {
   StepLists L;
-  L.params = params.vec();
-  L.grads = grads.vec();
-  L.extras = extras.vec();
-  for (const auto& s : states) L.states.push_back(s.vec());
-  L.steps = steps.vec();
+  L.params = params;
+  L.grads = grads;
+  L.extras = extras;
+  L.states = std::move(states);
+  L.steps = steps;
   L.tensor_ids = tensor_ids.vec();
   L.lr_tensor = lr_tensor;
   L.grad_scales = grad_scales;
@@ -320,7 +320,7 @@ void set_state_quantization(const char* op, StepLists& L, std::optional<at::Tens
   L.state_bits = state_bits;
   L.state_block = state_block;
   for (int64_t j = 0; j < num_states; ++j) {
-    L.state_scales.emplace_back(state_scales.begin() + j * n, state_scales.begin() + (j + 1) * n);
+    L.state_scales.push_back(state_scales.slice(j * n, n));
   }
 }
 
