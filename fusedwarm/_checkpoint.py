@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, _validation
+from ._eager import eager, undecorated
 from ._states import EXTRA_DTYPE, SCALE_SUFFIX, extra_bits, state_bits, state_block
 SAVED_EXTRA_BITS = {dtype: bits for bits, dtype in EXTRA_DTYPE.items()}
 # The key of the loss-scale and clipping scalars in a state dict's first param group.
@@ -46,13 +47,13 @@ class Checkpointing:
             for name, hooks in saved.items():
                 setattr(self, name, hooks)
 
-    @torch.compiler.disable  # as torch.optim.Optimizer's: run eagerly under torch.compile
+    @eager  # as torch.optim.Optimizer's: run eagerly under torch.compile
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict; its first param group also holds ``"fusedwarm"``: the loss-scale and
         clipping scalars. In a param group they survive tools that keep only ``state`` and
         ``param_groups``, such as ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``."""
         with self._torch_hooks_suspended("_optimizer_state_dict_post_hooks"):
-            sd = super().state_dict()
+            sd = undecorated(torch.optim.Optimizer.state_dict)(self)
         sd["param_groups"][0][SCALARS] = {k: v.clone() for k, v in self._scalars().items() if v is not None}
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
@@ -81,7 +82,7 @@ class Checkpointing:
         if self.backward_step:
             self._backward.attach()
 
-    @torch.compiler.disable  # as torch.optim.Optimizer's: run eagerly under torch.compile
+    @eager  # as torch.optim.Optimizer's: run eagerly under torch.compile
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict made by :meth:`state_dict` or by a ``torch.optim`` optimizer.
 
@@ -173,7 +174,8 @@ class Checkpointing:
                 weights.append((p, weight))
         with self._torch_hooks_suspended("_optimizer_load_state_dict_pre_hooks",
                                          "_optimizer_load_state_dict_post_hooks"):
-            super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped})
+            undecorated(torch.optim.Optimizer.load_state_dict)(
+                self, {**state_dict, "param_groups": groups, "state": stripped})
         for key, tensors in kept.items():
             self.state[index_to_param[key][2]].update(tensors)
         with torch.no_grad():
@@ -253,7 +255,7 @@ class Checkpointing:
             else:
                 out[name] = value.to(self._states.expected(group, p)[name])
 
-    @torch.compiler.disable  # as load_state_dict
+    @eager  # as load_state_dict
     @torch.no_grad()
     def load_master_weights(self, masters: Iterable[Tensor] | Mapping[str, Tensor]) -> None:
         """Sets every parameter, and its extra bits, from float32 master weights.

@@ -19,7 +19,8 @@ removes the hooks.
 
 Every callable handed to autograd or DDP (the post-accumulate-grad hook, the end-of-backward
 callback :meth:`BackwardStep.flush_all`, the DDP communication hook and its future's callback) is
-``torch.compiler.disable``d, as ``FusedOptimizer.step`` is: when ``backward()`` runs inside a
+``torch.compiler.disable``d (``flush_all``, whose arguments hold no tensor, by the lazy equivalent
+:func:`fusedwarm._eager.eager`, as ``FusedOptimizer.step`` is): when ``backward()`` runs inside a
 compiled function, or under compiled autograd, dynamo would otherwise trace them, and it drops
 attribute assignments on the optimizer they update. Under compiled autograd each hook is therefore
 a graph break of the compiled backward and runs eagerly, updating full buckets as usual; but
@@ -30,6 +31,7 @@ compiled autograd drops the end-of-backward callback, so the buckets still pendi
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -37,10 +39,18 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch._dynamo import compiled_autograd
+
+from ._eager import eager
 
 # The reason dynamo gives for the hooks' graph break, e.g. in a fullgraph=True error (README: torch.compile).
 _EAGER = "fusedwarm's backward_step hooks run eagerly: compile with fullgraph=False"
+
+
+def _in_compiled_autograd() -> bool:
+    """Whether compiled autograd is running the backward (never before torch._dynamo is imported)."""
+    module = sys.modules.get("torch._dynamo.compiled_autograd")
+    return module is not None and module.in_compiled_autograd_region
+
 
 # Parameters updated in the backward pass, and by which optimizer: id(p) -> (weakref to p,
 # weakref to the optimizer). A second optimizer over such a parameter would update it twice.
@@ -154,7 +164,7 @@ class BackwardStep:
         # Compiled autograd drops callbacks queued from eager code (torch 2.13): there the buckets
         # still pending at the end of backward wait for step(), which flushes them first.
         task = torch._C._current_graph_task_id()
-        if task != self._queued_task and not compiled_autograd.in_compiled_autograd_region:
+        if task != self._queued_task and not _in_compiled_autograd():
             self._queued_task = task
             torch.autograd.Variable._execution_engine.queue_callback(self.flush_all)
         key = (opt._index[id(p)][0], p.device, p.dtype)
@@ -170,7 +180,7 @@ class BackwardStep:
         for p in params:
             p.grad = None
 
-    @torch.compiler.disable(reason=_EAGER)
+    @eager(reason=_EAGER)
     @torch.no_grad()
     def flush_all(self) -> None:
         """Updates every bucket still pending (end of backward, and the start of step())."""
@@ -256,7 +266,7 @@ class BackwardStepMethods:
         """
         return self._backward.accumulate()
 
-    @torch.compiler.disable  # it changes bookkeeping and hooks (see step())
+    @eager  # it changes bookkeeping and hooks (see step())
     def close(self) -> None:
         """Removes the backward hooks: autograd fills ``.grad`` again and :meth:`step` updates as usual.
 

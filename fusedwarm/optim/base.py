@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _ops, _sharding, _validation, backward, schedules
+from .._eager import eager, undecorated
 from .._checkpoint import Checkpointing
 from .._reporting import Reporting
 from .._scaling import GradScaling
@@ -119,7 +120,7 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
 
     # ---- parameters -------------------------------------------------------------------------
 
-    @torch.compiler.disable  # as torch.optim.Optimizer's; it changes bookkeeping and hooks (see step())
+    @eager  # as torch.optim.Optimizer's; it changes bookkeeping and hooks (see step())
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group, checking its parameters and options (see :class:`torch.optim.Optimizer`)."""
         if isinstance(param_group, dict):
@@ -128,7 +129,7 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
             self._check_group_options(param_group)
         # Before torch fills the defaults into the group: the storage options given for it.
         given = self._options["storage_defaults"] | {k for k in STORAGE_OPTIONS if param_group.get(k) is not None}
-        super().add_param_group(param_group)
+        undecorated(Optimizer.add_param_group)(self, param_group)
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
         for i, p in enumerate(group["params"]):
@@ -183,7 +184,7 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
 
     # ---- step ---------------------------------------------------------------------------------
 
-    @torch.compiler.disable(reason="fusedwarm runs optimizer.step() eagerly (README: torch.compile)")
+    @eager(reason="fusedwarm runs optimizer.step() eagerly (README: torch.compile)")
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Performs one optimization step, or with ``backward_step=True`` ends the iteration.
@@ -251,6 +252,11 @@ class FusedOptimizer(Checkpointing, Reporting, backward.BackwardStepMethods, Opt
                 p.grad = None
         self._end_iteration()
         return loss
+
+    @eager  # as torch.optim.Optimizer's, whose own wrapper would import torch._dynamo (see _eager)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Resets the gradients, as :meth:`torch.optim.Optimizer.zero_grad`."""
+        undecorated(Optimizer.zero_grad)(self, set_to_none)
 
     def _begin_iteration(self) -> None:
         if self._iteration_open:
