@@ -108,6 +108,34 @@ def test_grad_scales_multiply_the_gradient_and_nonfinite_counts_skips(ops, case)
         ops.adamw_(*args, nonfinite=counts.int())
 
 
+# Each op's call on (params, grads, extras, states, steps, ids) with maximize as given: AdamW,
+# SGD with momentum (no dampening, no Nesterov) and Lion.
+MAXIMIZE_CALLS = {
+    "adamw": (2, lambda ops, p, g, x, s, t, i, eb, mx: ops.adamw_(p, g, x, s[0], s[1], t, i, None, 3e-2, eb, 77, 0.9,
+                                                               0.99, 1e-8, 0.1, mx)),
+    "sgd_momentum": (1, lambda ops, p, g, x, s, t, i, eb, mx: ops.sgd_(p, g, x, s[0], t, i, None, 5e-2, eb, 77, 0.9,
+                                                                    0.0, 1e-3, False, mx)),
+    "lion": (1, lambda ops, p, g, x, s, t, i, eb, mx: ops.lion_(p, g, x, s[0], t, i, None, 1e-2, eb, 77, 0.9, 0.99,
+                                                             0.1, mx)),
+}
+
+
+@cases
+@pytest.mark.parametrize("rule", list(MAXIMIZE_CALLS))
+def test_maximize_on_negated_gradients_is_the_same_step(ops, case, rule):
+    """maximize=True on -g gives the bits of maximize=False on g. Without maximize (and gradient
+    scales of 1) the CPU backend runs its element loop compiled for plain scalars (update.cuh),
+    with maximize the general one: this holds the two to the same results."""
+    dtype, extra_bits, state_dtype = CASES[case]
+    num_states, call = MAXIMIZE_CALLS[rule]
+    params, grads, extras, states, steps, ids = step_inputs(dtype, extra_bits, state_dtype, num_states, seed=9)
+    plain = copy.deepcopy((params, grads, extras, states, steps))
+    call(ops, *plain, ids, extra_bits, False)
+    call(ops, params, [-g for g in grads], extras, states, steps, ids, extra_bits, True)
+    for got, want in zip(params + extras + sum(states, []), plain[0] + plain[2] + sum(plain[3], [])):
+        assert torch.equal(bits(got), bits(want))
+
+
 @cases
 def test_nonfinite_gradients_in_some_spans(ops, case):
     """The CPU loop scans the gradients of each span of 1024 elements first and updates a span

@@ -49,11 +49,14 @@ using R = fw::{rule};
 using P = {param};
 using S = {state};
 using C = {coef};
-template int64_t fusedwarm::run_chunk<R, P, S, {arith}, C>(R::Scalars, uint32_t, float, C, int64_t, int64_t,
+template int64_t fusedwarm::run_chunk<R, P, S, {arith}, C, {plain}>(R::Scalars, uint32_t, float, C, int64_t, int64_t,
                                                            int64_t, P::storage*, const P::storage*, P::extra_storage*,
                                                            S::storage*, S::storage*);
 """
 COEFS = ("fw::Uncontrolled", "fw::Blended")
+# run_chunk's loops for each kind of update-size coefficients, and the loop with plain scalars
+# (kPlain: update.cuh, "plain scalars") that the CPU backend takes without control in the common case.
+CHUNK_KINDS = [("fw::Uncontrolled", "true"), ("fw::Uncontrolled", "false"), ("fw::Blended", "false")]
 
 
 def simd_loops(lines: list[str]) -> list[range]:
@@ -111,21 +114,23 @@ def _check_loops(report: list[str], loops: list[range], names: tuple[str, ...], 
 
 
 @pytest.mark.skipif(CXX is None or platform.machine() != "x86_64", reason="checks GCC's vectorizer on x86-64")
-@pytest.mark.parametrize("coef", COEFS, ids=[c.split("::")[-1] for c in COEFS])
+@pytest.mark.parametrize("coef,plain", CHUNK_KINDS,
+                         ids=[c.split("::")[-1] + ("-plain" if p == "true" else "") for c, p in CHUNK_KINDS])
 @pytest.mark.parametrize("rule,param,state,arith", ALL_CASES,
                          ids=[f"{r}-{p.split('::')[-1]}-{s[4:]}" + ("-pam" if a == "fw::Pam" else "")
                               for r, p, s, a in ALL_CASES])
-def test_element_loop_vectorizes(tmp_path, rule, param, state, arith, coef):
+def test_element_loop_vectorizes(tmp_path, rule, param, state, arith, coef, plain):
     """The gradient scan and the element loop that the combination takes: by pairs when every
     array holds 16-bit values (half weights; bfloat16 states or none) and the arithmetic is IEEE,
     else one by one."""
-    report = _compile_probe(tmp_path, PROBE.format(rule=rule, param=param, state=state, arith=arith, coef=coef))
+    report = _compile_probe(tmp_path, PROBE.format(rule=rule, param=param, state=state, arith=arith, coef=coef,
+                                                   plain=plain))
     assert len(CHUNK_LOOPS) == 3, CHUNK_LOOPS
     pairs = param.startswith("fw::ParamHalf") and (state == "fw::StateBF16" or rule == "SGD") and arith == "fw::Ieee"
     scan, pair_loop, element_loop = CHUNK_LOOPS
     _check_loops(report, [scan, pair_loop if pairs else element_loop],
                  ("gradient scan", "pair loop" if pairs else "element loop"),
-                 f"run_chunk<{rule}, {param}, {state}, {arith}, {coef}>")
+                 f"run_chunk<{rule}, {param}, {state}, {arith}, {coef}, {plain}>")
 
 
 @pytest.mark.skipif(CXX is None or platform.machine() != "x86_64", reason="checks GCC's vectorizer on x86-64")

@@ -112,11 +112,18 @@ struct SpanCopy {
 // tensor (offset: a shard's first element, else 0); [begin + offset, end + offset) lies in one
 // block of the random stream, whose key is `key` (philox.cuh, stream_key). The vector loops count in 32 bits (positions in a span, the
 // random counter): 64-bit index lanes cost a fifth more vector operations per element.
-template <class Rule, class P, class S, class M = fw::Ieee, class C = fw::Uncontrolled>
-int64_t run_chunk(const typename Rule::Scalars sc, const uint32_t key, const float grad_scale, const C coef,
+//
+// kPlain: the caller has established Rule::is_plain(sc) and grad_scale == 1 (update.cuh, "plain
+// scalars"), and the loop is compiled with those values as constants: the same bits, fewer vector
+// operations on the longest dependency chain (x16 bf16 AdamW: 113 -> 108 instructions per 32
+// elements, one thread in L2 17% faster).
+template <class Rule, class P, class S, class M = fw::Ieee, class C = fw::Uncontrolled, bool kPlain = false>
+int64_t run_chunk(const typename Rule::Scalars scalars, const uint32_t key, const float scale, const C coef,
                   int64_t begin, int64_t end, const int64_t offset, typename P::storage* __restrict w,
                   const typename P::storage* __restrict g, typename P::extra_storage* __restrict ext,
                   typename S::storage* __restrict s0, typename S::storage* __restrict s1) {
+  const typename Rule::Scalars sc = kPlain ? Rule::plain(scalars) : scalars;
+  const float grad_scale = kPlain ? 1.0f : scale;
   constexpr int kS = Rule::kStates;
   constexpr bool kPairs = kPairLoop<Rule, P, S, M>;
   typename S::storage unused{};

@@ -144,6 +144,14 @@ struct AdamW {
     s.flip = sign_flip(h.maximize);
     return s;
   }
+  // The common case's values of the fields that are usually constant: no maximize, the adaptive
+  // step (no RAdam fallback). See "plain scalars" below.
+  static FW_HD bool is_plain(const Scalars& s) { return s.flip == 0u && s.adaptive == 1.0f; }
+  static FW_HD Scalars plain(Scalars s) {
+    s.flip = 0u;
+    s.adaptive = 1.0f;
+    return s;
+  }
   template <class M>
   static FW_HD void apply(const Scalars& s, float& p, float g, float& m, float& v) {
     g = xor_sign(g, s.flip);
@@ -183,6 +191,16 @@ struct SGD {
     s.flip = sign_flip(h.maximize);
     return s;
   }
+  // No maximize; with momentum, no dampening and no Nesterov (see "plain scalars" below).
+  static FW_HD bool is_plain(const Scalars& s) {
+    return s.flip == 0u && s.grad_coef == 1.0f && s.nesterov_buf == 1.0f;
+  }
+  static FW_HD Scalars plain(Scalars s) {
+    s.flip = 0u;
+    s.grad_coef = 1.0f;
+    s.nesterov_buf = 1.0f;
+    return s;
+  }
   template <class M>
   static FW_HD float direction(const Scalars& s, float p, float g) {
     return M::add(xor_sign(g, s.flip), M::mul(s.weight_decay, p));
@@ -203,6 +221,8 @@ struct SGDMomentum {
   static FW_HD Scalars scalars(const Hyper& h, float lr, int64_t step) {
     return SGD::scalars<M>(h, lr, step);
   }
+  static FW_HD bool is_plain(const Scalars& s) { return SGD::is_plain(s); }
+  static FW_HD Scalars plain(const Scalars& s) { return SGD::plain(s); }
   template <class M>
   static FW_HD void apply(const Scalars& s, float& p, float g, float& buf, float&) {
     g = SGD::direction<M>(s, p, g);
@@ -238,6 +258,12 @@ struct Lion {
     s.flip = sign_flip(h.maximize);
     return s;
   }
+  // No maximize (see "plain scalars" below).
+  static FW_HD bool is_plain(const Scalars& s) { return s.flip == 0u; }
+  static FW_HD Scalars plain(Scalars s) {
+    s.flip = 0u;
+    return s;
+  }
   template <class M>
   static FW_HD void apply(const Scalars& s, float& p, float g, float& m, float&) {
     g = xor_sign(g, s.flip);
@@ -247,6 +273,17 @@ struct Lion {
     m = M::add(M::mul(s.beta2, m), M::mul(s.one_minus_beta2, g));
   }
 };
+
+// ---- plain scalars ---------------------------------------------------------------------------
+//
+// Some fields of a rule's scalars hold the same value in nearly every run: the sign flip is 0
+// without maximize, AdamW's adaptive factor is 1 outside RAdam's first steps, SGD's gradient and
+// Nesterov-buffer coefficients are 1 without dampening or Nesterov. Rule::is_plain(s) says whether
+// s holds those values, and Rule::plain(s) returns s with them written as literals. The two are
+// equal, so an update with plain(s) computes the same bits; what changes is that a backend which
+// compiles its element loop for plain(s) lets the compiler fold the xor with 0 and the multiplies
+// by 1 away (exact: x * 1 is x; a NaN's payload is canonicalized on store either way). The CPU
+// backend compiles such a loop for the common case (cpu/chunk.h, run_chunk's kPlain).
 
 // ---- one element -----------------------------------------------------------------------------
 
