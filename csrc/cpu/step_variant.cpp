@@ -20,11 +20,13 @@ namespace fusedwarm {
 
 namespace {
 
-// A step's elements are shared among torch's threads in pieces of 2^14 to 2^17 elements, about
-// eight per step, which each thread takes in turn from a counter until none is left. Not a fixed
-// share per thread: on a virtual machine a thread's core is sometimes shared with another guest,
-// and with halves the other thread then waited at the end of each step (16M parameters on two
-// vCPUs: 15% of the samples in OpenMP's barrier, steps 0-12% slower than with pieces).
+// A step's elements are shared among torch's threads in pieces of 2^14 to 2^17 elements (at least
+// eight pieces from 128K elements up), which the threads take in turn from a counter until none is
+// left; a step under 2^14 elements runs on the calling thread. Not a fixed share per thread: the
+// threads are not always equally fast (on a 2-vCPU VM the same loop on one thread in cache ran at
+// 0.61 or 0.79 ns per element from one second to the next), and with halves the faster thread
+// waited at the end of each step (16M parameters: 15% of the samples in OpenMP's barrier, steps
+// 0-12% slower than with pieces).
 constexpr int64_t kMinPiece = int64_t{1} << 14;
 constexpr int64_t kMaxPiece = int64_t{1} << 17;
 
