@@ -182,16 +182,13 @@ void run_typed(const CpuStepCall& call) {
         const int64_t block_end = ((int64_t{block} + 1) << fw::kRandomBlockBits) - t.offset;
         const int64_t e = std::min({last, (row + 1) * t.row_size, block_end});
         const fw::RowCoef c = t.coefs[row];
-        if (!c.unit()) {
-          k += run_chunk<Rule, P, S, M>(t.sc, key, t.grad_scale, fw::Blended{c.alpha, c.beta}, b, e, t.offset, t.w,
-                                        t.g, t.ext, t.s0, t.s1);
-        } else if (t.plain) {
-          k += run_chunk<Rule, P, S, M, fw::Uncontrolled, true>(t.sc, key, t.grad_scale, fw::Uncontrolled{}, b, e,
-                                                                t.offset, t.w, t.g, t.ext, t.s0, t.s1);
-        } else {
-          k += run_chunk<Rule, P, S, M>(t.sc, key, t.grad_scale, fw::Uncontrolled{}, b, e, t.offset, t.w, t.g, t.ext,
-                                        t.s0, t.s1);
-        }
+        auto run = [&](auto coef, auto plain) {
+          return run_chunk<Rule, P, S, M, decltype(coef), decltype(plain)::value>(
+              t.sc, key, t.grad_scale, coef, b, e, t.offset, t.w, t.g, t.ext, t.s0, t.s1);
+        };
+        k += !c.unit() ? run(fw::Blended{c.alpha, c.beta}, std::false_type{})
+             : t.plain ? run(fw::Uncontrolled{}, std::true_type{})
+                       : run(fw::Uncontrolled{}, std::false_type{});
         b = e;
       }
       if (k != 0) skipped[j].fetch_add(k, std::memory_order_relaxed);
